@@ -1,0 +1,948 @@
+"""
+Packed sequence-mixing ops for Mamba: depthwise causal conv1d and the selective scan.
+
+Each op resets at document boundaries, given as a per-token position index
+pos (B, L) int32 (the token's offset inside its document, 0 at each start;
+pos=None means one document per row):
+  conv: the tap that looks k tokens back contributes only where pos >= k.
+  scan: where pos == 0 the state entering the token is dropped (decay set to 0).
+
+Every op has a pure PyTorch reference twin (`*_ref`, same signature). The public
+functions `causal_conv1d` and `selective_scan` are torch custom ops (fake
+kernels, autograd, backward ops of their own) so torch.compile(fullgraph=True)
+traces through them: CUDA tensors run the Triton kernels below, CPU tensors run
+the reference.
+
+Self-check on a GPU (compares Triton with the reference, prints max errors):
+    python kernels.py
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from torch import Tensor
+
+# The scan forward keeps the fp32 state at the end of every CHUNK tokens for the
+# backward, which recomputes everything else from the inputs (see _scan_bwd_kernel).
+CHUNK = 64
+
+# -----------------------------------------------------------------------------
+# PyTorch references (any device; fp32 math, fp64 for fp64 inputs; differentiable by autograd)
+
+
+def _up(t):
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def causal_conv1d_ref(x, weight, bias=None, pos=None, activation=True):
+    """x (B, L, D), weight (D, W), bias (D,), pos (B, L) -> (B, L, D) in x.dtype."""
+    Bb, L, D = x.shape
+    W = weight.shape[1]
+    xf, wf = _up(x), _up(weight)
+    out = torch.zeros_like(xf) if bias is None else _up(bias).expand(Bb, L, D).clone()
+    t = torch.arange(L, device=x.device)
+    for k in range(W):  # tap k looks k tokens back
+        shifted = F.pad(xf, (0, 0, k, 0))[:, :L]  # (B, L, D): x[t-k], zeros before the row
+        ok = (t >= k)[None, :] if pos is None else pos >= k  # (B or 1, L)
+        out = out + torch.where(ok[..., None], shifted, 0.0) * wf[:, W - 1 - k]
+    if activation:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def _chunk_ends(L, device):
+    """Token index of the last token of every CHUNK-token chunk of a row of L."""
+    return torch.arange(CHUNK - 1, L + CHUNK - 1, CHUNK, device=device).clamp(max=L - 1)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, pos=None,
+                       delta_softplus=True, return_states=False):
+    """Mamba-1 selective scan, one token at a time, fp32 state.
+    u, delta, z (B, L, Dm); A (Dm, N); B, C (B, L, N); D, delta_bias (Dm,); pos (B, L).
+    Returns out (B, L, Dm) in u.dtype [and the fp32 states at chunk ends (B, n_chunks, N, Dm)]."""
+    Bb, L, Dm = u.shape
+    uf, Bf, Cf = _up(u), _up(B), _up(C)
+    dt = _up(delta) if delta_bias is None else _up(delta) + _up(delta_bias)
+    if delta_softplus:
+        dt = F.softplus(dt)
+    dA = torch.exp(dt[..., None] * _up(A))  # (B, L, Dm, N)
+    if pos is not None:
+        dA = torch.where((pos == 0)[..., None, None], 0.0, dA)
+    dBu = (dt * uf)[..., None] * Bf[:, :, None, :]  # (B, L, Dm, N)
+    h = uf.new_zeros(Bb, Dm, A.shape[1])
+    ys, hs = [], []
+    for t in range(L):
+        h = dA[:, t] * h + dBu[:, t]  # (B, Dm, N)
+        ys.append((h * Cf[:, t, None, :]).sum(-1))  # (B, Dm)
+        hs.append(h)
+    y = torch.stack(ys, 1)  # (B, L, Dm)
+    if D is not None:
+        y = y + uf * _up(D)
+    if z is not None:
+        y = y * F.silu(_up(z))
+    out = y.to(u.dtype)
+    if not return_states:
+        return out
+    states = torch.stack([hs[i] for i in _chunk_ends(L, "cpu").tolist()], 1)  # (B, n_chunks, Dm, N)
+    states = states.transpose(2, 3).contiguous()  # (B, n_chunks, N, Dm)
+    return out, states
+
+
+def causal_conv1d_bwd_ref(x, weight, bias, pos, dout, activation=True):
+    """Backward of causal_conv1d_ref by hand: returns dx (B, L, D), dweight (D, W), dbias (D,) or None."""
+    Bb, L, D = x.shape
+    W = weight.shape[1]
+    xf, wf = _up(x), _up(weight)
+    g = _up(dout)  # (B, L, D)
+    if activation:
+        pre = causal_conv1d_ref(xf, wf, None if bias is None else _up(bias), pos, activation=False)
+        s = torch.sigmoid(pre)
+        g = g * s * (1 + pre * (1 - s))
+    t = torch.arange(L, device=x.device)
+    dx = torch.zeros_like(xf)
+    dw = torch.zeros_like(wf)
+    for k in range(W):
+        ok = (t >= k)[None, :] if pos is None else pos >= k
+        gk = torch.where(ok[..., None], g, 0.0)  # (B, L, D): gradient reaching tap k at token t
+        dx = dx + F.pad(gk, (0, 0, 0, k))[:, k:] * wf[:, W - 1 - k]  # lands on token t-k
+        dw[:, W - 1 - k] = (gk * F.pad(xf, (0, 0, k, 0))[:, :L]).sum((0, 1))
+    db = None if bias is None else g.sum((0, 1)).to(bias.dtype)
+    return dx.to(x.dtype), dw.to(weight.dtype), db
+
+
+def selective_scan_bwd_ref(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, pos=None,
+                           delta_softplus=True):
+    """Backward of selective_scan_ref by hand, one token at a time in reverse.
+    Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)."""
+    Bb, L, Dm = u.shape
+    uf, Bf, Cf, Af = _up(u), _up(B), _up(C), _up(A)
+    pre = _up(delta) if delta_bias is None else _up(delta) + _up(delta_bias)
+    dt = F.softplus(pre) if delta_softplus else pre
+    dA_ = torch.exp(dt[..., None] * Af)  # (B, L, Dm, N)
+    if pos is not None:
+        dA_ = torch.where((pos == 0)[..., None, None], 0.0, dA_)
+    h = uf.new_zeros(Bb, Dm, A.shape[1])
+    hs = []
+    for t in range(L):
+        h = dA_[:, t] * h + (dt[:, t] * uf[:, t])[..., None] * Bf[:, t, None, :]
+        hs.append(h)
+    hs = torch.stack(hs, 1)  # (B, L, Dm, N)
+    y = (hs * Cf[:, :, None, :]).sum(-1)  # (B, L, Dm)
+    if D is not None:
+        y = y + uf * _up(D)
+    dy = _up(dout)
+    dz = None
+    if z is not None:
+        zf = _up(z)
+        sz = torch.sigmoid(zf)
+        dz = (dy * y * sz * (1 + zf * (1 - sz))).to(z.dtype)
+        dy = dy * zf * sz
+    dC = (dy[..., None] * hs).sum(2)  # (B, L, N)
+    du = torch.zeros_like(uf)
+    ddt = torch.zeros_like(dt)
+    dB = torch.zeros_like(Bf)
+    dAsum = torch.zeros_like(Af)
+    g = torch.zeros_like(h)  # dL/dh_t flowing back from token t+1
+    for t in reversed(range(L)):
+        g = g + Cf[:, t, None, :] * dy[:, t, :, None]  # (B, Dm, N)
+        h_prev = hs[:, t - 1] if t > 0 else torch.zeros_like(g)
+        dB[:, t] = (g * (dt[:, t] * uf[:, t])[..., None]).sum(1)
+        du[:, t] = (g * Bf[:, t, None, :]).sum(-1) * dt[:, t]
+        ddt[:, t] = (g * (Af * dA_[:, t] * h_prev + Bf[:, t, None, :] * uf[:, t, :, None])).sum(-1)
+        dAsum = dAsum + (g * dt[:, t, :, None] * dA_[:, t] * h_prev).sum(0)
+        g = dA_[:, t] * g
+    dD = None
+    if D is not None:
+        du = du + dy * _up(D)
+        dD = (dy * uf).sum((0, 1)).to(D.dtype)
+    ddelta = ddt * torch.sigmoid(pre) if delta_softplus else ddt
+    ddelta_bias = None if delta_bias is None else ddelta.sum((0, 1)).to(delta_bias.dtype)
+    return [du.to(u.dtype), ddelta.to(delta.dtype), dAsum.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz,
+            ddelta_bias]
+
+
+# -----------------------------------------------------------------------------
+# Triton causal conv1d
+#
+# Kernel design. Every program owns BLOCK_L consecutive tokens of one row and BLOCK_D
+# channels, split into ROWS segments of BLOCK_L // ROWS tokens that are walked token by
+# token in lock-step (one (ROWS, BLOCK_D) tile per step). The last W-1 rows of x are kept
+# in registers as a sliding window, so x and dout are read from memory once per token; only
+# the W-1 halo rows in front of each segment (and, in the backward, the W-1 rows after it)
+# are read twice, and those are L2 hits. The rows of the next AHEAD steps are requested before
+# the current step is computed and stored, so AHEAD+1 steps of loads are in flight per warp:
+# the kernels are latency-bound otherwise. In the offline sm_90 compile a queued row costs
+# about one register per two bf16 channels, while a second ROWS segment doubles the backward's
+# registers (112 -> 216 at 4 channels per thread) because every segment carries its own window.
+# Recomputing the shifted pre-activations instead (a tile re-read at every shift) was
+# rejected: the backward needs g at W shifts, i.e. W sigmoids per element, and the SFU
+# throughput (16/clk/SM) alone would cost more than the whole memory floor.
+#
+# The backward is one fused kernel: it recomputes pre (not saved by the forward), forms
+# g = dout * silu'(pre), scatters g into dx for the W tokens it feeds, and accumulates the
+# weight and bias gradients of its tokens in fp32 registers. Those per-program partial sums
+# go to an fp32 buffer (n_programs_along_tokens, W+1, D) (bias in slot W), summed by torch
+# afterwards: deterministic, no atomics.
+
+
+@triton.jit
+def _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, j):
+    """weight[d, j] as fp32, (BLOCK_D,)."""
+    return tl.load(w_ptr + d * stride_wd + j * stride_wk, mask=dmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_rows(cols, t, stride_l, L, dmask):
+    """x[t, d] for a (ROWS,) vector of tokens t, (ROWS, BLOCK_D) in x's dtype; zero outside [0, L)."""
+    ok = (t >= 0) & (t < L)
+    ptrs = cols[None, :] + (t.to(tl.int64) * stride_l)[:, None]
+    return tl.load(ptrs, mask=ok[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _push(q0, q1, q2, new, AHEAD: tl.constexpr):
+    """Queue of the next AHEAD rows already requested (q0 first): drop q0, append new."""
+    if AHEAD == 1:
+        return new, q1, q2
+    elif AHEAD == 2:
+        return q1, new, q2
+    else:
+        return q1, q2, new
+
+
+@triton.jit
+def _load_pos(pos_row, t, stride_pl, L, HAS_POS: tl.constexpr):
+    """pos[t] (ROWS,). Without boundaries the position is the token index itself."""
+    if HAS_POS:
+        return tl.load(pos_row + t.to(tl.int64) * stride_pl, mask=(t >= 0) & (t < L), other=0)
+    else:
+        return t
+
+
+@triton.jit
+def _conv1d_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
+    L, D, n_lblocks,
+    stride_xb, stride_xl, stride_xd,
+    stride_wd, stride_wk, stride_bias,
+    stride_pb, stride_pl,
+    stride_ob, stride_ol, stride_od,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, AHEAD: tl.constexpr,
+):
+    SEG: tl.constexpr = BLOCK_L // ROWS
+    pid_l = tl.program_id(0)
+    b = (pid_l // n_lblocks).to(tl.int64)
+    t_seg = (pid_l % n_lblocks) * BLOCK_L + tl.arange(0, ROWS) * SEG  # (ROWS,) first token of each segment
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    dmask = d < D
+    x_cols = x_ptr + b * stride_xb + d * stride_xd  # (BLOCK_D,) pointers to x[b, 0, d]
+    o_cols = out_ptr + b * stride_ob + d * stride_od
+    pos_row = pos_ptr + b * stride_pb
+
+    # w_k = weight[d, W-1-k] multiplies x[t-k]; taps k >= W do not exist (constexpr-guarded).
+    w0 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 1)
+    w1 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 2)
+    if W > 2:
+        w2 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 3)
+    if W > 3:
+        w3 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 4)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d * stride_bias, mask=dmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    # Sliding window x[t-1], x[t-2], x[t-3] (ROWS, BLOCK_D) fp32; zeros before the row start.
+    x1 = _load_rows(x_cols, t_seg - 1, stride_xl, L, dmask).to(tl.float32)
+    if W > 2:
+        x2 = _load_rows(x_cols, t_seg - 2, stride_xl, L, dmask).to(tl.float32)
+    if W > 3:
+        x3 = _load_rows(x_cols, t_seg - 3, stride_xl, L, dmask).to(tl.float32)
+    # Rows t+1..t+AHEAD are requested before step t is computed and stored, so AHEAD+1 row
+    # loads are in flight per warp (the compiler cannot move a load above the store of the previous
+    # step by itself: it does not know that x and out do not alias).
+    xq0 = _load_rows(x_cols, t_seg, stride_xl, L, dmask)
+    pq0 = _load_pos(pos_row, t_seg, stride_pl, L, HAS_POS)
+    xq1, xq2, pq1, pq2 = xq0, xq0, pq0, pq0
+    if AHEAD > 1:
+        xq1 = _load_rows(x_cols, t_seg + 1, stride_xl, L, dmask)
+        pq1 = _load_pos(pos_row, t_seg + 1, stride_pl, L, HAS_POS)
+    if AHEAD > 2:
+        xq2 = _load_rows(x_cols, t_seg + 2, stride_xl, L, dmask)
+        pq2 = _load_pos(pos_row, t_seg + 2, stride_pl, L, HAS_POS)
+
+    for i in range(SEG):
+        t = t_seg + i  # (ROWS,)
+        xt, pt = xq0.to(tl.float32), pq0
+        xq0, xq1, xq2 = _push(xq0, xq1, xq2, _load_rows(x_cols, t + AHEAD, stride_xl, L, dmask), AHEAD)
+        pq0, pq1, pq2 = _push(pq0, pq1, pq2, _load_pos(pos_row, t + AHEAD, stride_pl, L, HAS_POS), AHEAD)
+
+        acc = bias[None, :] + w0[None, :] * xt  # (ROWS, BLOCK_D)
+        acc += tl.where(pt[:, None] >= 1, w1[None, :] * x1, 0.0)
+        if W > 2:
+            acc += tl.where(pt[:, None] >= 2, w2[None, :] * x2, 0.0)
+        if W > 3:
+            acc += tl.where(pt[:, None] >= 3, w3[None, :] * x3, 0.0)
+        if ACTIVATION:
+            acc = acc * tl.sigmoid(acc)
+        o_ptrs = o_cols[None, :] + (t.to(tl.int64) * stride_ol)[:, None]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(t < L)[:, None] & dmask[None, :])
+
+        if W > 3:
+            x3 = x2
+        if W > 2:
+            x2 = x1
+        x1 = xt
+
+
+@triton.jit
+def _conv1d_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, pos_ptr, dout_ptr, dx_ptr, part_ptr,
+    L, D, n_lblocks,
+    stride_xb, stride_xl, stride_xd,
+    stride_wd, stride_wk, stride_bias,
+    stride_pb, stride_pl,
+    stride_gb, stride_gl, stride_gd,
+    stride_dxb, stride_dxl, stride_dxd,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, AHEAD: tl.constexpr,
+):
+    SEG: tl.constexpr = BLOCK_L // ROWS
+    pid_l = tl.program_id(0)
+    b = (pid_l // n_lblocks).to(tl.int64)
+    t_seg = (pid_l % n_lblocks) * BLOCK_L + tl.arange(0, ROWS) * SEG  # (ROWS,)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    dmask = d < D
+    x_cols = x_ptr + b * stride_xb + d * stride_xd
+    g_cols = dout_ptr + b * stride_gb + d * stride_gd
+    dx_cols = dx_ptr + b * stride_dxb + d * stride_dxd
+    pos_row = pos_ptr + b * stride_pb
+
+    w0 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 1)
+    w1 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 2)
+    if W > 2:
+        w2 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 3)
+    if W > 3:
+        w3 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 4)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d * stride_bias, mask=dmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    # Window of x[t-1..t-3] as in the forward, and of partial sums a_j = dx[t-j] so far
+    # (dx[s] collects g[s..s+W-1], so it is complete after step s+W-1).
+    x1 = _load_rows(x_cols, t_seg - 1, stride_xl, L, dmask).to(tl.float32)
+    a1 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    if W > 2:
+        x2 = _load_rows(x_cols, t_seg - 2, stride_xl, L, dmask).to(tl.float32)
+        a2 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    if W > 3:
+        x3 = _load_rows(x_cols, t_seg - 3, stride_xl, L, dmask).to(tl.float32)
+        a3 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    # Gradient sums over this program's tokens: dw_k for weight[d, W-1-k], db for bias.
+    dw0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # Queues of the next AHEAD rows of x, dout and pos, as in the forward.
+    xq0 = _load_rows(x_cols, t_seg, stride_xl, L, dmask)
+    gq0 = _load_rows(g_cols, t_seg, stride_gl, L, dmask)
+    pq0 = _load_pos(pos_row, t_seg, stride_pl, L, HAS_POS)
+    xq1, xq2, gq1, gq2, pq1, pq2 = xq0, xq0, gq0, gq0, pq0, pq0
+    if AHEAD > 1:
+        xq1 = _load_rows(x_cols, t_seg + 1, stride_xl, L, dmask)
+        gq1 = _load_rows(g_cols, t_seg + 1, stride_gl, L, dmask)
+        pq1 = _load_pos(pos_row, t_seg + 1, stride_pl, L, HAS_POS)
+    if AHEAD > 2:
+        xq2 = _load_rows(x_cols, t_seg + 2, stride_xl, L, dmask)
+        gq2 = _load_rows(g_cols, t_seg + 2, stride_gl, L, dmask)
+        pq2 = _load_pos(pos_row, t_seg + 2, stride_pl, L, HAS_POS)
+
+    # SEG steps over the segment's own tokens, then W-1 lookahead steps that only finish dx
+    # of the segment's last W-1 tokens (their g is needed, their dw/db belong to the next segment).
+    for i in range(SEG + W - 1):
+        t = t_seg + i  # (ROWS,)
+        xt, dyt, pt = xq0.to(tl.float32), gq0.to(tl.float32), pq0
+        xq0, xq1, xq2 = _push(xq0, xq1, xq2, _load_rows(x_cols, t + AHEAD, stride_xl, L, dmask), AHEAD)
+        gq0, gq1, gq2 = _push(gq0, gq1, gq2, _load_rows(g_cols, t + AHEAD, stride_gl, L, dmask), AHEAD)
+        pq0, pq1, pq2 = _push(pq0, pq1, pq2, _load_pos(pos_row, t + AHEAD, stride_pl, L, HAS_POS), AHEAD)
+
+        # Recompute the pre-activation exactly as the forward does.
+        m1 = pt[:, None] >= 1  # (ROWS, 1) tap masks
+        m2 = pt[:, None] >= 2
+        m3 = pt[:, None] >= 3
+        pre = bias[None, :] + w0[None, :] * xt  # (ROWS, BLOCK_D)
+        pre += tl.where(m1, w1[None, :] * x1, 0.0)
+        if W > 2:
+            pre += tl.where(m2, w2[None, :] * x2, 0.0)
+        if W > 3:
+            pre += tl.where(m3, w3[None, :] * x3, 0.0)
+        if ACTIVATION:
+            sig = tl.sigmoid(pre)
+            g = dyt * sig * (1.0 + pre * (1.0 - sig))  # dout * silu'(pre)
+        else:
+            g = dyt  # zero beyond L: dout is loaded as 0 there
+
+        # dweight[d, W-1-k] += g[t] x[t-k] [pos[t] >= k], dbias += g[t], own tokens only.
+        gw = tl.where(i < SEG, g, 0.0)
+        db += tl.sum(gw, axis=0)
+        dw0 += tl.sum(gw * xt, axis=0)
+        dw1 += tl.sum(tl.where(m1, gw * x1, 0.0), axis=0)
+        if W > 2:
+            dw2 += tl.sum(tl.where(m2, gw * x2, 0.0), axis=0)
+        if W > 3:
+            dw3 += tl.sum(tl.where(m3, gw * x3, 0.0), axis=0)
+
+        # g[t] feeds dx[t-k] through tap k where pos[t] >= k; dx[t-(W-1)] is then complete.
+        c0 = w0[None, :] * g
+        c1 = a1 + tl.where(m1, w1[None, :] * g, 0.0)
+        done = c1
+        if W > 2:
+            c2 = a2 + tl.where(m2, w2[None, :] * g, 0.0)
+            done = c2
+        if W > 3:
+            c3 = a3 + tl.where(m3, w3[None, :] * g, 0.0)
+            done = c3
+        s = t - (W - 1)  # (ROWS,) token whose dx is complete
+        s_ok = (s >= t_seg) & (s < L)
+        dx_ptrs = dx_cols[None, :] + (s.to(tl.int64) * stride_dxl)[:, None]
+        tl.store(dx_ptrs, done.to(dx_ptr.dtype.element_ty), mask=s_ok[:, None] & dmask[None, :])
+
+        if W > 3:
+            x3 = x2
+            a3 = c2
+        if W > 2:
+            x2 = x1
+            a2 = c1
+        x1 = xt
+        a1 = c0
+
+    # Partial sums: part[pid_l, W-1-k, d] = dw_k, part[pid_l, W, d] = db.
+    part_row = part_ptr + pid_l.to(tl.int64) * ((W + 1) * D) + d
+    tl.store(part_row + (W - 1) * D, dw0, mask=dmask)
+    tl.store(part_row + (W - 2) * D, dw1, mask=dmask)
+    if W > 2:
+        tl.store(part_row + (W - 3) * D, dw2, mask=dmask)
+    if W > 3:
+        tl.store(part_row + (W - 4) * D, dw3, mask=dmask)
+    if HAS_BIAS:
+        tl.store(part_row + W * D, db, mask=dmask)
+
+
+# -----------------------------------------------------------------------------
+# Launchers
+
+
+def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps):
+    """Defaults: 8 bytes of channels per thread (4 bf16 / 2 fp32), 4 warps side by side along D,
+    one segment per program, 2 rows loaded ahead, BLOCK_L = 128 tokens, halved (down to 32)
+    while the grid has under 1024 programs (e.g. D = 1536).
+
+    Chosen from the offline sm_90 compile, not from timing: with 16-byte vectors the backward
+    needs ~230 registers (8 warps/SM), with 8-byte ones ~120 (16 warps/SM); the bytes in flight
+    per SM are about equal, the smaller tile fills the GPU at smaller D. Sweep on the GPU.
+    """
+    B, L, D = x.shape
+    num_warps = 4 if num_warps is None else num_warps
+    BLOCK_D = 32 * num_warps * max(1, 8 // x.element_size()) if BLOCK_D is None else BLOCK_D
+    ROWS = 1 if ROWS is None else ROWS
+    AHEAD = 2 if AHEAD is None else AHEAD
+    if BLOCK_L is None:
+        BLOCK_L = 128
+        while BLOCK_L > 32 and B * triton.cdiv(L, BLOCK_L) * triton.cdiv(D, BLOCK_D) < 1024:
+            BLOCK_L //= 2
+    assert BLOCK_L % ROWS == 0, "BLOCK_L must be a multiple of ROWS"
+    assert 1 <= AHEAD <= 3, "AHEAD (rows loaded ahead) must be 1, 2 or 3"
+    return BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps
+
+
+def _check(x, weight, bias, pos):
+    B, L, D = x.shape
+    W = weight.shape[1]
+    assert weight.shape == (D, W) and 2 <= W <= 4, f"weight must be (D, W) with W in 2..4, got {tuple(weight.shape)}"
+    assert bias is None or bias.shape == (D,)
+    assert pos is None or (pos.shape == (B, L) and pos.dtype == torch.int32), "pos must be (B, L) int32"
+    return B, L, D, W
+
+
+def conv1d_fwd_triton(x, weight, bias, pos, activation, *, BLOCK_L=None, BLOCK_D=None, ROWS=None,
+                      AHEAD=None, num_warps=None):
+    """x (B, L, D) any strides, weight (D, W), bias (D,) or None, pos (B, L) int32 or None -> (B, L, D) contiguous."""
+    B, L, D, W = _check(x, weight, bias, pos)
+    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps)
+    out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)  # (B, L, D)
+    n_lblocks = triton.cdiv(L, BLOCK_L)
+    grid = (B * n_lblocks, triton.cdiv(D, BLOCK_D))
+    # Absent bias / pos: pass weight as a never-read placeholder (HAS_BIAS / HAS_POS are constexpr).
+    bias_arg = weight if bias is None else bias
+    pos_arg = weight if pos is None else pos
+    _conv1d_fwd_kernel[grid](
+        x, weight, bias_arg, pos_arg, out,
+        L, D, n_lblocks,
+        *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0),
+        *((0, 0) if pos is None else pos.stride()),
+        *out.stride(),
+        W=W, HAS_BIAS=bias is not None, HAS_POS=pos is not None, ACTIVATION=bool(activation),
+        BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ROWS=ROWS, AHEAD=AHEAD, num_warps=num_warps,
+    )
+    return out
+
+
+def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, BLOCK_D=None, ROWS=None,
+                      AHEAD=None, num_warps=None):
+    """Gradients of conv1d_fwd_triton: (dx (B, L, D) contiguous, dweight (D, W), dbias (D,) or None)."""
+    B, L, D, W = _check(x, weight, bias, pos)
+    assert dout.shape == x.shape
+    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps)
+    dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)  # (B, L, D)
+    n_lblocks = triton.cdiv(L, BLOCK_L)
+    grid = (B * n_lblocks, triton.cdiv(D, BLOCK_D))
+    part = torch.empty((grid[0], W + 1, D), dtype=torch.float32, device=x.device)  # (programs, W+1, D)
+    bias_arg = weight if bias is None else bias
+    pos_arg = weight if pos is None else pos
+    _conv1d_bwd_kernel[grid](
+        x, weight, bias_arg, pos_arg, dout, dx, part,
+        L, D, n_lblocks,
+        *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0),
+        *((0, 0) if pos is None else pos.stride()),
+        *dout.stride(), *dx.stride(),
+        W=W, HAS_BIAS=bias is not None, HAS_POS=pos is not None, ACTIVATION=bool(activation),
+        BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ROWS=ROWS, AHEAD=AHEAD, num_warps=num_warps,
+    )
+    sums = part.sum(0)  # (W+1, D) fp32, fixed reduction order
+    dweight = sums[:W].t().contiguous().to(weight.dtype)  # (D, W)
+    dbias = None if bias is None else sums[W].to(bias.dtype)  # (D,)
+    return dx, dweight, dbias
+
+
+# -----------------------------------------------------------------------------
+# Benchmark (GPU)
+
+
+# -----------------------------------------------------------------------------
+# Triton selective scan
+#
+# One program owns one row b and BD channels for all L tokens, the fp32 state
+# (N, BD) in registers: a thread holds all N states of its channel (BD = 32 per
+# warp) or N/2, N/4 of them for smaller BD, so the sum over N that forms y is
+# (mostly) inside a thread. The program walks the row one token at a time: the
+# recurrence h = a h + x is one FMA per state, and the work of a token is a few
+# loads, one softplus per channel and one exp2 per state. Loads run GROUP
+# tokens ahead of their use: the loop is unrolled by GROUP, and each token's
+# inputs are re-loaded for token + GROUP as soon as they are consumed.
+#
+# What the backward needs and what is saved: the inputs, plus the state at the
+# end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 32 states
+# x 256 KB per row, half the size of u in bf16), never the full state history
+# (L x N x Dm). The backward walks the chunks last to first. For each chunk it
+# recomputes the forward from the saved state and stashes the state entering
+# every group of GROUP tokens in a scratch buffer (CHUNK/GROUP x N x BD fp32 per
+# program, which stays in L2), then walks the groups backwards: recompute the
+# group's GROUP states and decays into registers, then run the adjoint
+# g_t = C_t dy_t + a_{t+1} g_{t+1} back through them, forming every gradient.
+# dB and dC are sums over channels: each program writes its partial sum over its
+# BD channels and torch sums the partials (deterministic, no atomics).
+
+LOG2E = tl.constexpr(1.4426950408889634)
+GROUP = tl.constexpr(4)
+
+
+@triton.jit
+def _softplus(x):
+    # torch's softplus (threshold 20) with an accurate log1p: log(1+e) * e / ((1+e) - 1)
+    e = tl.exp(-tl.abs(x))
+    one_e = 1.0 + e
+    log1p = tl.where(one_e == 1.0, e, tl.log(one_e) * e / (one_e - 1.0))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p)
+
+
+@triton.jit
+def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl, s_cl, s_zl, s_pl,
+                HAS_Z: tl.constexpr, HAS_POS: tl.constexpr):
+    """Inputs of token t: u, delta, z (BD,), B, C (N,), pos and t < L (scalars); zeros past the row's end."""
+    ok = t < L
+    m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
+    u = tl.load(u_p + t * s_ul, mask=m, other=0.0)
+    dl = tl.load(dl_p + t * s_dl, mask=m, other=0.0)
+    Bt = tl.load(B_p + t * s_bl, mask=tl.where(ok, nm, False), other=0.0)
+    Ct = tl.load(C_p + t * s_cl, mask=tl.where(ok, nm, False), other=0.0)
+    zz = tl.load(z_p + t * s_zl, mask=m, other=0.0) if HAS_Z else u
+    p = tl.load(pos_p + t * s_pl, mask=ok, other=1) if HAS_POS else 1
+    return u, dl, Bt, Ct, zz, p, ok
+
+
+@triton.jit
+def _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One token's dt (BD,), softplus input (BD,), decay a = exp(dt A) (N, BD; 0 at a document
+    start) and input x = dt u B (N, BD). Tokens past the row's end are identities (a = 1, x = 0)."""
+    pre = dl.to(tl.float32)
+    if HAS_BIAS:
+        pre += bias
+    dt = tl.where(ok, _softplus(pre) if SOFTPLUS else pre, 0.0)
+    a = tl.exp2(dt[None, :] * A2)
+    a = tl.where(p == 0, 0.0, a)
+    x = (dt * u.to(tl.float32))[None, :] * Bt.to(tl.float32)[:, None]
+    return dt, pre, a, x
+
+
+@triton.jit
+def _fwd_token(h, t, u, dl, Bt, Ct, zz, p, ok, A2, bias, Dv, out_p, Dm, dm, HAS_D: tl.constexpr,
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+    h = a * h + x  # (N, BD)
+    y = tl.sum(h * Ct.to(tl.float32)[:, None], 0)  # (BD,)
+    uf = u.to(tl.float32)
+    if HAS_D:
+        y += uf * Dv
+    if HAS_Z:
+        zf = zz.to(tl.float32)
+        y = y * zf * tl.sigmoid(zf)
+    tl.store(out_p + t * Dm, y.to(out_p.dtype.element_ty), mask=tl.where(ok, dm, False))
+    return h
+
+
+@triton.jit
+def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, out_ptr, st_ptr,
+                     L, Dm, n_chunks, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
+                     N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
+    dm = d < Dm
+    n = tl.arange(0, N)
+    nm = n < N
+    A2 = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
+    bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
+    Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
+    u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
+    B_p, C_p, pos_p = B_ptr + b * s_bb + n, C_ptr + b * s_cb + n, pos_ptr + b * s_pb
+    out_p = out_ptr + b * L * Dm + d
+    st_p = st_ptr + b * n_chunks * N * Dm + n[:, None] * Dm + d[None, :]
+    args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
+    strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
+    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, 0, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    h = tl.zeros((N, BD), tl.float32)
+    for c in range(n_chunks):
+        # unrolled by GROUP = 4 with no branch inside, so the compiler can interleave the tokens;
+        # each token's inputs are re-loaded GROUP tokens ahead as soon as they are consumed
+        for k in range(0, CHUNK, GROUP):
+            t = c * CHUNK + k
+            h = _fwd_token(h, t, u0, dl0, B0, C0, z0, p0, ok0, A2, bias, Dv, out_p, Dm, dm,
+                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            h = _fwd_token(h, t + 1, u1, dl1, B1, C1, z1, p1, ok1, A2, bias, Dv, out_p, Dm, dm,
+                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            h = _fwd_token(h, t + 2, u2, dl2, B2, C2, z2, p2, ok2, A2, bias, Dv, out_p, Dm, dm,
+                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            h = _fwd_token(h, t + 3, u3, dl3, B3, C3, z3, p3, ok3, A2, bias, Dv, out_p, Dm, dm,
+                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        tl.store(st_p + c * N * Dm, h, mask=dm[None, :])  # tokens past L were identities: h is h_{L-1}
+
+
+@triton.jit
+def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, p, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias, Dv,
+               dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Token t of the backward. gc = a_{t+1} g_{t+1} (N, BD) comes in; a_t g_t goes out."""
+    ok = t < L
+    m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
+    pre = dl.to(tl.float32)
+    if HAS_BIAS:
+        pre += bias
+    dt = _softplus(pre) if SOFTPLUS else pre
+    uf, Bf, Cf = u.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32)
+    dout = tl.load(dout_p + t * Dm, mask=m, other=0.0).to(tl.float32)  # (BD,)
+    if HAS_Z:
+        y = tl.sum(h * Cf[:, None], 0)
+        if HAS_D:
+            y += uf * Dv
+        zf = zz.to(tl.float32)
+        sz = tl.sigmoid(zf)
+        tl.store(dz_p + t * Dm, (dout * y * sz * (1 + zf * (1 - sz))).to(dz_p.dtype.element_ty), mask=m)
+        dy = dout * zf * sz
+    else:
+        dy = dout
+    g = gc + Cf[:, None] * dy[None, :]  # (N, BD): dL/dh_t
+    X = g * a * h_prev  # dL/dlog(a_t) per state
+    dA_acc += X * dt[None, :]
+    gB = tl.sum(g * Bf[:, None], 0)  # (BD,)
+    ddt = tl.sum(X * A, 0) + gB * uf
+    du = gB * dt
+    if HAS_D:
+        du += dy * Dv
+        dD_acc += dy * uf
+    ddelta = ddt * tl.sigmoid(pre) if SOFTPLUS else ddt
+    dbias_acc += tl.where(m, ddelta, 0.0)
+    tl.store(du_p + t * Dm, du.to(du_p.dtype.element_ty), mask=m)
+    tl.store(ddl_p + t * Dm, ddelta.to(ddl_p.dtype.element_ty), mask=m)
+    tl.store(dB_p + t * n_dblk * N, tl.sum(g * (dt * uf)[None, :], 1), mask=tl.where(ok, nm, False))  # this program's channels
+    tl.store(dC_p + t * n_dblk * N, tl.sum(h * dy[None, :], 1), mask=tl.where(ok, nm, False))
+    return a * g, dA_acc, dD_acc, dbias_acc
+
+
+@triton.jit
+def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
+                     scr_ptr, du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+                     L, Dm, n_chunks, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
+                     N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr):
+    pid_d = tl.program_id(0)
+    n_dblk = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)  # (BD,)
+    dm = d < Dm
+    n = tl.arange(0, N)
+    nm = n < N
+    A = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0)  # (N, BD)
+    A2 = A * LOG2E
+    bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
+    Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
+    u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
+    B_p, C_p, pos_p = B_ptr + b * s_bb + n, C_ptr + b * s_cb + n, pos_ptr + b * s_pb
+    args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
+    strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
+    row = b * L * Dm + d
+    dout_p, du_p, ddl_p, dz_p = dout_ptr + row, du_ptr + row, ddl_ptr + row, dz_ptr + row
+    dB_p = dB_ptr + (b * L * n_dblk + pid_d) * N + n  # partials (B, L, n_dblk, N)
+    dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N + n
+    scr = scr_ptr + (b * n_dblk + pid_d) * (CHUNK // GROUP) * N * BD + n[:, None] * BD + tl.arange(0, BD)[None, :]
+    st_p = st_ptr + b * n_chunks * N * Dm + n[:, None] * Dm + d[None, :]
+    gc = tl.zeros((N, BD), tl.float32)  # a_{t+1} g_{t+1}: the adjoint flowing back into token t
+    dA_acc = tl.zeros((N, BD), tl.float32)
+    dD_acc = tl.zeros((BD,), tl.float32)
+    dbias_acc = tl.zeros((BD,), tl.float32)
+    for cc in range(n_chunks):
+        c = n_chunks - 1 - cc
+        h = tl.where(c > 0, tl.load(st_p + tl.maximum(c - 1, 0) * N * Dm, mask=dm[None, :], other=0.0), 0.0)
+        for k in range(0, CHUNK, GROUP):  # forward through the chunk, stashing the state entering each group
+            tl.store(scr + (k // GROUP) * N * BD, h)
+            for j in tl.static_range(GROUP):
+                u, dl, Bt, Ct, zz, p, ok = _load_token(*args, c * CHUNK + k + j, L, dm, nm, *strides, False, HAS_POS)
+                dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+                h = a * h + x
+        for kk in range(0, CHUNK, GROUP):  # back through the groups
+            k = CHUNK - GROUP - kk
+            t = c * CHUNK + k
+            h0 = tl.load(scr + (k // GROUP) * N * BD)
+            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            _, _, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS)
+            h1 = a0 * h0 + x0
+            _, _, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS)
+            h2 = a1 * h1 + x1
+            _, _, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS)
+            h3 = a2 * h2 + x2
+            _, _, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS)
+            h4 = a3 * h3 + x3
+            gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
+                gc, h3, h4, a3, t + 3, u3, dl3, B3, C3, z3, p3, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias,
+                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+            gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
+                gc, h2, h3, a2, t + 2, u2, dl2, B2, C2, z2, p2, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias,
+                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+            gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
+                gc, h1, h2, a1, t + 1, u1, dl1, B1, C1, z1, p1, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias,
+                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+            gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
+                gc, h0, h1, a0, t, u0, dl0, B0, C0, z0, p0, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias,
+                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+    tl.store(dA_ptr + (b * N + n[:, None]) * Dm + d[None, :], dA_acc, mask=dm[None, :])
+    if HAS_D:
+        tl.store(dD_ptr + b * Dm + d, dD_acc, mask=dm)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + b * Dm + d, dbias_acc, mask=dm)
+
+
+# (BD channels per program, num_warps): the best of a sweep on an H200 (notes/perf.md)
+SCAN_FWD_CONFIG = dict(BD=32, num_warps=1)
+SCAN_BWD_CONFIG = dict(BD=16, num_warps=1)
+
+
+def _rowmajor(t):
+    """Last dimension contiguous (what the kernels index with stride 1); copies only if needed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos):
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_POS=pos is not None)
+    u, delta, B, C = (_rowmajor(t) for t in (u, delta, B, C))
+    z = _rowmajor(z) if z is not None else u
+    pos_ = pos if pos is not None else u.new_zeros(1, 1, dtype=torch.int32)
+    dummy = A.new_zeros(1)
+    # A goes in transposed, (N, Dm): loads along d are contiguous, which keeps the state's N axis
+    # inside each thread (Triton lays tiles out along the contiguous axis)
+    tensors = (u, delta, A.t().contiguous(), B, C, D if D is not None else dummy, z,
+               delta_bias if delta_bias is not None else dummy, pos_)
+    strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+               C.stride(0), C.stride(1), z.stride(0), z.stride(1), pos_.stride(0), pos_.stride(1))
+    return tensors, strides, flags
+
+
+def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD=None, num_warps=None):
+    """Launches the forward; returns out (B, L, Dm) in u.dtype and the chunk-end states (B, n_chunks, N, Dm)."""
+    BD, num_warps = BD or SCAN_FWD_CONFIG["BD"], num_warps or SCAN_FWD_CONFIG["num_warps"]
+    Bb, L, Dm = u.shape
+    N = A.shape[1]
+    n_chunks = _n_chunks(L)
+    out = torch.empty(Bb, L, Dm, device=u.device, dtype=u.dtype)
+    states = torch.empty(Bb, n_chunks, N, Dm, device=u.device, dtype=torch.float32)
+    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
+    _scan_fwd_kernel[(triton.cdiv(Dm, BD), Bb)](
+        *tensors, out, states, L, Dm, n_chunks, *strides, N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus,
+        num_warps=num_warps, **flags)
+    return out, states
+
+
+def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delta_softplus, BD=None,
+                    num_warps=None):
+    """Launches the backward; returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)."""
+    BD, num_warps = BD or SCAN_BWD_CONFIG["BD"], num_warps or SCAN_BWD_CONFIG["num_warps"]
+    Bb, L, Dm = u.shape
+    N = A.shape[1]
+    n_dblk = triton.cdiv(Dm, BD)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dout = dout.contiguous()
+    du = torch.empty(Bb, L, Dm, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(Bb, L, Dm, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(Bb, L, Dm, device=u.device, dtype=z.dtype) if z is not None else du
+    dA = torch.empty(Bb, N, Dm, **f32)
+    dB = torch.empty(Bb, L, n_dblk, N, **f32)
+    dC = torch.empty(Bb, L, n_dblk, N, **f32)
+    dD = torch.empty(Bb, Dm, **f32)
+    dbias = torch.empty(Bb, Dm, **f32)
+    scratch = torch.empty(Bb, n_dblk, CHUNK // GROUP, N, BD, **f32)
+    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
+    _scan_bwd_kernel[(n_dblk, Bb)](
+        *tensors, states, dout, scratch, du, ddelta, dz, dA, dB, dC, dD, dbias, L, Dm, states.shape[1], *strides,
+        N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, num_warps=num_warps, **flags)
+    return [du, ddelta, dA.sum(0).t().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
+            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None]
+
+
+# -----------------------------------------------------------------------------
+# torch custom ops: CUDA -> Triton, CPU -> reference. Backward ops are ops of their own.
+
+
+@torch.library.custom_op("packmamba::conv1d_fwd", mutates_args=())
+def _conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], pos: Optional[Tensor],
+                activation: bool) -> Tensor:
+    if x.is_cuda:
+        return conv1d_fwd_triton(x, weight, bias, pos, activation)
+    return causal_conv1d_ref(x, weight, bias, pos, activation)
+
+
+@_conv1d_fwd.register_fake
+def _(x, weight, bias, pos, activation):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("packmamba::conv1d_bwd", mutates_args=())
+def _conv1d_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], pos: Optional[Tensor],
+                activation: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if x.is_cuda:
+        dx, dw, db = conv1d_bwd_triton(x, weight, bias, pos, dout, activation)
+    else:
+        dx, dw, db = causal_conv1d_bwd_ref(x, weight, bias, pos, dout, activation)
+    return dx, dw, db if db is not None else weight.new_zeros(weight.shape[0])
+
+
+@_conv1d_bwd.register_fake
+def _(dout, x, weight, bias, pos, activation):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0]))
+
+
+def _conv1d_setup(ctx, inputs, output):
+    x, weight, bias, pos, activation = inputs
+    ctx.save_for_backward(x, weight, bias, pos)
+    ctx.activation = activation
+
+
+def _conv1d_backward(ctx, dout):
+    x, weight, bias, pos = ctx.saved_tensors
+    dx, dw, db = _conv1d_bwd(dout, x, weight, bias, pos, ctx.activation)
+    return dx, dw, (db if bias is not None else None), None, None
+
+
+_conv1d_fwd.register_autograd(_conv1d_backward, setup_context=_conv1d_setup)
+
+
+def causal_conv1d(x, weight, bias=None, pos=None, activation=True):
+    """Packed depthwise causal conv1d (+ SiLU). x (B, L, D), weight (D, W), bias (D,), pos (B, L) int32."""
+    return _conv1d_fwd(x, weight, bias, pos, activation)
+
+
+def _n_chunks(L):
+    return (L + CHUNK - 1) // CHUNK
+
+
+@torch.library.custom_op("packmamba::scan_fwd", mutates_args=())
+def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], delta_bias: Optional[Tensor], pos: Optional[Tensor],
+              delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    if u.is_cuda:
+        return scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus)
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, return_states=True)
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus):
+    Bb, L, Dm = u.shape
+    states = u.new_empty(Bb, _n_chunks(L), A.shape[1], Dm, dtype=torch.float32)
+    return torch.empty_like(u, memory_format=torch.contiguous_format), states
+
+
+@torch.library.custom_op("packmamba::scan_bwd", mutates_args=())
+def _scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], delta_bias: Optional[Tensor], pos: Optional[Tensor], states: Tensor,
+              delta_softplus: bool) -> list[Tensor]:
+    """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]; absent inputs get zero-size tensors."""
+    if u.is_cuda:
+        grads = scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delta_softplus)
+    else:
+        grads = selective_scan_bwd_ref(dout, u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus)
+    return [u.new_empty(0) if g is None else g for g in grads]
+
+
+@_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delta_softplus):
+    like = lambda t: u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+    return [like(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
+
+
+def _scan_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, pos, output[1])
+    ctx.delta_softplus = delta_softplus
+
+
+def _scan_backward(ctx, dout, dstates):
+    u, delta, A, B, C, D, z, delta_bias, pos, states = ctx.saved_tensors
+    grads = _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, ctx.delta_softplus)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    return (*[None if t is None else g for t, g in zip(inputs, grads)], None, None)
+
+
+_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, pos=None, delta_softplus=True):
+    """Packed selective scan. u, delta, z (B, L, Dm); A (Dm, N) fp32; B, C (B, L, N); D, delta_bias (Dm,) fp32;
+    pos (B, L) int32 or None. Returns out (B, L, Dm) in u.dtype."""
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus)[0]
