@@ -770,7 +770,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
 
 # (BD channels per program, num_warps): the best of a sweep on an H200 (notes/perf.md)
 SCAN_FWD_CONFIG = dict(BD=32, num_warps=1)
-SCAN_BWD_CONFIG = dict(BD=16, num_warps=1)
+SCAN_BWD_CONFIG = dict(BD=32, num_warps=1)
 
 
 def _rowmajor(t):
