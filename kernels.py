@@ -830,7 +830,7 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     _scan_bwd_kernel[(n_dblk, Bb)](
         *tensors, states, dout, scratch, du, ddelta, dz, dA, dB, dC, dD, dbias, L, Dm, states.shape[1], *strides,
         N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, num_warps=num_warps, **flags)
-    return [du, ddelta, dA.sum(0).t().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
+    return [du, ddelta, dA.sum(0).t().contiguous().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None]
 

@@ -53,6 +53,26 @@ class PackError(Exception):
     """A user-facing error of pack.py: main prints it as one line and exits != 0."""
 
 
+def batch_rows(tokens, cus, seq_len):
+    """Packed rows (b, L+1) and their cu_seqlens [0, s1, ..., used] -> x (b, L) int64, y (b, L) int64
+    with -1 on padding, pos (b, L) int32 (offset inside the document; the padding tail is its own segment)."""
+    L = seq_len
+    row = np.asarray(tokens, np.int64)  # (b, L+1)
+    x, y = row[:, :L], row[:, 1:].copy()
+    counts = np.array([len(c) for c in cus])
+    which = np.repeat(np.arange(len(cus)), counts)  # (n,) batch row of each boundary
+    bounds = np.concatenate(cus).astype(np.int64)  # (n,) [0, s1, ..., used] per row, concatenated
+    used = bounds[np.cumsum(counts) - 1]  # (b,)
+    t = np.arange(L)
+    y[t[None, :] >= used[:, None]] = -1
+    # every boundary < L starts a segment: the documents, and the padding tail at `used` if there is one
+    start = np.zeros((len(cus), L), np.int64)  # (b, L)
+    keep = bounds < L
+    start[which[keep], bounds[keep]] = bounds[keep]
+    pos = t - np.maximum.accumulate(start, axis=1)  # offset from the latest segment start
+    return x, y, pos.astype(np.int32)
+
+
 class ShardError(Exception):
     """A user-facing error of the shard reader."""
 
@@ -364,23 +384,7 @@ class Shard:
     def rows(self, idx):
         """Row indices -> x (b, L) int64, y (b, L) int64 with -1 on padding, pos (b, L) int32."""
         idx = np.asarray(idx, np.int64)
-        L = self.seq_len
-        row = np.asarray(self.tokens[idx], np.int64)  # (b, L+1)
-        x, y = row[:, :L], row[:, 1:].copy()
-        lo, hi = self.row_ptr[idx], self.row_ptr[idx + 1]  # this batch's slices of cu
-        counts = hi - lo
-        which = np.repeat(np.arange(len(idx)), counts)  # (n,) batch row of each boundary
-        flat = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-        bounds = np.asarray(self.cu[flat], np.int64)  # (n,) [0, s1, ..., used] per row, concatenated
-        used = bounds[np.cumsum(counts) - 1]  # (b,)
-        t = np.arange(L)
-        y[t[None, :] >= used[:, None]] = -1
-        # every boundary < L starts a segment: the documents, and the padding tail at `used` if there is one
-        start = np.zeros((len(idx), L), np.int64)  # (b, L)
-        keep = bounds < L
-        start[which[keep], bounds[keep]] = bounds[keep]
-        pos = t - np.maximum.accumulate(start, axis=1)  # offset from the latest segment start
-        return x, y, pos.astype(np.int32)
+        return batch_rows(self.tokens[idx], [self.cu_seqlens(r) for r in idx], self.seq_len)
 
     def documents(self):
         """Every stored document (pieces of cut ones count as documents), in row order, int64."""
