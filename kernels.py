@@ -16,7 +16,6 @@ the reference.
 Self-check on a GPU (compares Triton with the reference, prints max errors):
     python kernels.py
 """
-import math
 from typing import Optional
 
 import torch
@@ -516,7 +515,7 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
     )
     sums = part.sum(0)  # (W+1, D) fp32, fixed reduction order
     dweight = sums[:W].t().contiguous().to(weight.dtype)  # (D, W)
-    dbias = None if bias is None else sums[W].to(bias.dtype)  # (D,)
+    dbias = None if bias is None else sums[W].to(bias.dtype, copy=True)  # (D,), its own storage like the fake
     return dx, dweight, dbias
 
 
