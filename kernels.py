@@ -195,6 +195,22 @@ def _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, j):
 
 
 @triton.jit
+def _load_taps(w_ptr, bias_ptr, d, dmask, stride_wd, stride_wk, stride_bias, W: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """w_k = weight[d, W-1-k], the tap on x[t-k], for k = 0..3 (zeros for k >= W), and the bias;
+    fp32 (BLOCK_D,) each."""
+    w0 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 1)
+    w1 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 2)
+    w2 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 3) if W > 2 else tl.zeros_like(w0)
+    w3 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 4) if W > 3 else tl.zeros_like(w0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d * stride_bias, mask=dmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros_like(w0)
+    return w0, w1, w2, w3, bias
+
+
+@triton.jit
 def _load_rows(cols, t, stride_l, L, dmask):
     """x[t, d] for a (ROWS,) vector of tokens t, (ROWS, BLOCK_D) in x's dtype; zero outside [0, L)."""
     ok = (t >= 0) & (t < L)
@@ -243,17 +259,7 @@ def _conv1d_fwd_kernel(
     o_cols = out_ptr + b * stride_ob + d * stride_od
     pos_row = pos_ptr + b * stride_pb
 
-    # w_k = weight[d, W-1-k] multiplies x[t-k]; taps k >= W do not exist (constexpr-guarded).
-    w0 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 1)
-    w1 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 2)
-    if W > 2:
-        w2 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 3)
-    if W > 3:
-        w3 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 4)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d * stride_bias, mask=dmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w0, w1, w2, w3, bias = _load_taps(w_ptr, bias_ptr, d, dmask, stride_wd, stride_wk, stride_bias, W, HAS_BIAS)
 
     # Sliding window x[t-1], x[t-2], x[t-3] (ROWS, BLOCK_D) fp32; zeros before the row start.
     x1 = _load_rows(x_cols, t_seg - 1, stride_xl, L, dmask).to(tl.float32)
@@ -321,16 +327,7 @@ def _conv1d_bwd_kernel(
     dx_cols = dx_ptr + b * stride_dxb + d * stride_dxd
     pos_row = pos_ptr + b * stride_pb
 
-    w0 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 1)
-    w1 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 2)
-    if W > 2:
-        w2 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 3)
-    if W > 3:
-        w3 = _load_tap(w_ptr, d, dmask, stride_wd, stride_wk, W - 4)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d * stride_bias, mask=dmask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w0, w1, w2, w3, bias = _load_taps(w_ptr, bias_ptr, d, dmask, stride_wd, stride_wk, stride_bias, W, HAS_BIAS)
 
     # Window of x[t-1..t-3] as in the forward, and of partial sums a_j = dx[t-j] so far
     # (dx[s] collects g[s..s+W-1], so it is complete after step s+W-1).
