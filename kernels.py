@@ -13,8 +13,8 @@ kernels, autograd, backward ops of their own) so torch.compile(fullgraph=True)
 traces through them: CUDA tensors run the Triton kernels below, CPU tensors run
 the reference.
 
-Self-check on a GPU (compares Triton with the reference, prints max errors):
-    python kernels.py
+Checked by test_pack.py (on a GPU: python -m pytest -q -k "cuda or real_size"), timed by
+python bench.py --ops and notes/kernel_sweep.py; the numbers are in notes/perf.md.
 """
 from typing import Optional
 

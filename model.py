@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 import kernels
 
+# dense bf16 tensor-core peaks (FLOP/s), for MFU in train.py and bench.py
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
 # (d_model, n_layer) of the state-spaces Mamba checkpoints, plus small ones for CPU runs and tests.
 PRESETS = {
     "tiny": (128, 4),

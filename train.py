@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import PRESETS, MambaConfig, MambaLM
+from model import PEAK_BF16_FLOPS, PRESETS, MambaConfig, MambaLM
 from pack import SHARD_RE, ShardError, open_split, pad_documents
 
 # defaults of the options left at "auto": (on CUDA, on CPU)
@@ -44,7 +44,6 @@ AUTO = {
     "eval_interval": (250, 25),
     "eval_iters": (20, 4),
 }
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, for MFU
 
 
 class TrainError(Exception):
@@ -315,7 +314,7 @@ def train(args):
 
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     run_model = torch.compile(model) if args.compile else model
-    peak = next((f for name, f in PEAK_FLOPS.items() if dev.type == "cuda" and name in torch.cuda.get_device_name(dev)), None)
+    peak = next((f for name, f in PEAK_BF16_FLOPS.items() if dev.type == "cuda" and name in torch.cuda.get_device_name(dev)), None)
     flops_per_token = model.flops_per_token()
 
     real = sum(int(np.asarray(s.cu)[np.asarray(s.row_ptr)[1:] - 1].sum()) for s in train_shards)  # rows' used lengths
