@@ -851,12 +851,14 @@ def test_grad_accum_matches_one_big_batch(data_dir, tmp_path):
     assert a[1]["loss"] == pytest.approx(b[1]["loss"], rel=1e-4)
 
 
-def test_compile_fullgraph_packed(data_dir):
-    """torch.compile(fullgraph=True) traces the whole model with packed pos on CPU; same loss and grads as eager."""
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_compile_fullgraph_packed(data_dir, device):
+    """torch.compile(fullgraph=True) traces the whole model with packed pos (on CUDA through the Triton
+    kernels); same loss and grads as eager."""
     torch.manual_seed(0)
-    model = MambaLM(MambaConfig(vocab_size=257, d_model=32, n_layer=2))
+    model = MambaLM(MambaConfig(vocab_size=257, d_model=32, n_layer=2)).to(device)
     shard = pack.open_split(data_dir, "train")[0]
-    x, y, pos = (torch.from_numpy(a) for a in shard.rows([0, 1]))
+    x, y, pos = (torch.from_numpy(a).to(device) for a in shard.rows([0, 1]))
     assert (pos == 0).sum() > 2  # several documents in these rows
     _, loss = model(x, y, pos)
     loss.backward()
