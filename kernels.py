@@ -431,7 +431,7 @@ def _conv1d_bwd_kernel(
 
 
 # -----------------------------------------------------------------------------
-# Launchers
+# Triton causal conv1d: launchers
 
 
 def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps):
@@ -514,10 +514,6 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
     dweight = sums[:W].t().contiguous().to(weight.dtype)  # (D, W)
     dbias = None if bias is None else sums[W].to(bias.dtype, copy=True)  # (D,), its own storage like the fake
     return dx, dweight, dbias
-
-
-# -----------------------------------------------------------------------------
-# Benchmark (GPU)
 
 
 # -----------------------------------------------------------------------------
