@@ -1,17 +1,25 @@
 """
 GPU sweep for the Triton kernels: scan correctness against the fp64 reference, then scan forward and
 backward times for several (BD, num_warps) configurations at d_inner 1536/4096/5120 (8 rows x 2048,
-D1 packing), then the conv sweep (conv_part.bench_conv).
+D1 packing), then the conv sweep (bench_conv). The results of each version are in notes/results/ and
+notes/perf.md. Run from the repository root on a GPU (SKIP_CONV=1 skips the conv sweep):
     python notes/kernel_sweep.py [out.json]
 """
-import json, sys, time, math
+import json
+import math
+import os
+import sys
+import time
+
 import numpy as np
-import torch, triton
+import torch
+import triton
+from triton.testing import do_bench
+
 sys.path.insert(0, ".")
-import kernels
+import kernels  # noqa: E402
 
 dev = "cuda"
-from triton.testing import do_bench
 
 
 def d1_pos(B, L, seed=0):
@@ -158,7 +166,6 @@ for Dm in (1536, 4096, 5120):
     del args, out, st, dout
     torch.cuda.empty_cache()
 
-import os
 conv_rows = []
 for Dm in () if os.environ.get("SKIP_CONV") else (1536, 4096, 5120):
     r = bench_conv(D=Dm, configs=None if Dm == 4096 else [{}])
