@@ -37,17 +37,20 @@ def _up(t):
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _tap_ok(pos, L, k, device):
+    """Where the conv tap that looks k tokens back may contribute: (B, L), or (1, L) without pos."""
+    return (torch.arange(L, device=device) >= k)[None, :] if pos is None else pos >= k
+
+
 def causal_conv1d_ref(x, weight, bias=None, pos=None, activation=True):
     """x (B, L, D), weight (D, W), bias (D,), pos (B, L) -> (B, L, D) in x.dtype."""
     Bb, L, D = x.shape
     W = weight.shape[1]
     xf, wf = _up(x), _up(weight)
     out = torch.zeros_like(xf) if bias is None else _up(bias).expand(Bb, L, D).clone()
-    t = torch.arange(L, device=x.device)
     for k in range(W):  # tap k looks k tokens back
         shifted = F.pad(xf, (0, 0, k, 0))[:, :L]  # (B, L, D): x[t-k], zeros before the row
-        ok = (t >= k)[None, :] if pos is None else pos >= k  # (B or 1, L)
-        out = out + torch.where(ok[..., None], shifted, 0.0) * wf[:, W - 1 - k]
+        out = out + torch.where(_tap_ok(pos, L, k, x.device)[..., None], shifted, 0.0) * wf[:, W - 1 - k]
     if activation:
         out = F.silu(out)
     return out.to(x.dtype)
@@ -58,42 +61,46 @@ def _chunk_ends(L, device):
     return torch.arange(CHUNK - 1, L + CHUNK - 1, CHUNK, device=device).clamp(max=L - 1)
 
 
+def _ref_states(u, delta, A, B, delta_bias, pos, delta_softplus):
+    """The scan's forward recurrence, shared by the reference forward and backward.
+    Returns the softplus input pre and dt (B, L, Dm), the decays dA (B, L, Dm, N; 0 at document starts)
+    and the state after every token hs (B, L, Dm, N)."""
+    uf, Bf = _up(u), _up(B)
+    pre = _up(delta) if delta_bias is None else _up(delta) + _up(delta_bias)
+    dt = F.softplus(pre) if delta_softplus else pre
+    dA = torch.exp(dt[..., None] * _up(A))  # (B, L, Dm, N)
+    if pos is not None:
+        dA = torch.where((pos == 0)[..., None, None], 0.0, dA)
+    dBu = (dt * uf)[..., None] * Bf[:, :, None, :]  # (B, L, Dm, N)
+    h = torch.zeros_like(dBu[:, 0])  # (B, Dm, N)
+    hs = []
+    for t in range(u.shape[1]):
+        h = dA[:, t] * h + dBu[:, t]
+        hs.append(h)
+    return pre, dt, dA, torch.stack(hs, 1)
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, pos=None,
                        delta_softplus=True, return_states=False):
     """Mamba-1 selective scan, one token at a time, fp32 state.
     u, delta, z (B, L, Dm); A (Dm, N); B, C (B, L, N); D, delta_bias (Dm,); pos (B, L).
     Returns out (B, L, Dm) in u.dtype [and the fp32 states at chunk ends (B, n_chunks, N, Dm)]."""
-    Bb, L, Dm = u.shape
-    uf, Bf, Cf = _up(u), _up(B), _up(C)
-    dt = _up(delta) if delta_bias is None else _up(delta) + _up(delta_bias)
-    if delta_softplus:
-        dt = F.softplus(dt)
-    dA = torch.exp(dt[..., None] * _up(A))  # (B, L, Dm, N)
-    if pos is not None:
-        dA = torch.where((pos == 0)[..., None, None], 0.0, dA)
-    dBu = (dt * uf)[..., None] * Bf[:, :, None, :]  # (B, L, Dm, N)
-    h = uf.new_zeros(Bb, Dm, A.shape[1])
-    ys, hs = [], []
-    for t in range(L):
-        h = dA[:, t] * h + dBu[:, t]  # (B, Dm, N)
-        ys.append((h * Cf[:, t, None, :]).sum(-1))  # (B, Dm)
-        hs.append(h)
-    y = torch.stack(ys, 1)  # (B, L, Dm)
+    _, _, _, hs = _ref_states(u, delta, A, B, delta_bias, pos, delta_softplus)
+    y = (hs * _up(C)[:, :, None, :]).sum(-1)  # (B, L, Dm)
     if D is not None:
-        y = y + uf * _up(D)
+        y = y + _up(u) * _up(D)
     if z is not None:
         y = y * F.silu(_up(z))
     out = y.to(u.dtype)
     if not return_states:
         return out
-    states = torch.stack([hs[i] for i in _chunk_ends(L, "cpu").tolist()], 1)  # (B, n_chunks, Dm, N)
-    states = states.transpose(2, 3).contiguous()  # (B, n_chunks, N, Dm)
-    return out, states
+    states = hs[:, _chunk_ends(u.shape[1], u.device)]  # (B, n_chunks, Dm, N)
+    return out, states.transpose(2, 3).contiguous()  # (B, n_chunks, N, Dm)
 
 
 def causal_conv1d_bwd_ref(x, weight, bias, pos, dout, activation=True):
     """Backward of causal_conv1d_ref by hand: returns dx (B, L, D), dweight (D, W), dbias (D,) or None."""
-    Bb, L, D = x.shape
+    L = x.shape[1]
     W = weight.shape[1]
     xf, wf = _up(x), _up(weight)
     g = _up(dout)  # (B, L, D)
@@ -101,12 +108,10 @@ def causal_conv1d_bwd_ref(x, weight, bias, pos, dout, activation=True):
         pre = causal_conv1d_ref(xf, wf, None if bias is None else _up(bias), pos, activation=False)
         s = torch.sigmoid(pre)
         g = g * s * (1 + pre * (1 - s))
-    t = torch.arange(L, device=x.device)
     dx = torch.zeros_like(xf)
     dw = torch.zeros_like(wf)
     for k in range(W):
-        ok = (t >= k)[None, :] if pos is None else pos >= k
-        gk = torch.where(ok[..., None], g, 0.0)  # (B, L, D): gradient reaching tap k at token t
+        gk = torch.where(_tap_ok(pos, L, k, x.device)[..., None], g, 0.0)  # (B, L, D): gradient reaching tap k at token t
         dx = dx + F.pad(gk, (0, 0, 0, k))[:, k:] * wf[:, W - 1 - k]  # lands on token t-k
         dw[:, W - 1 - k] = (gk * F.pad(xf, (0, 0, k, 0))[:, :L]).sum((0, 1))
     db = None if bias is None else g.sum((0, 1)).to(bias.dtype)
@@ -117,19 +122,9 @@ def selective_scan_bwd_ref(dout, u, delta, A, B, C, D=None, z=None, delta_bias=N
                            delta_softplus=True):
     """Backward of selective_scan_ref by hand, one token at a time in reverse.
     Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)."""
-    Bb, L, Dm = u.shape
+    L = u.shape[1]
     uf, Bf, Cf, Af = _up(u), _up(B), _up(C), _up(A)
-    pre = _up(delta) if delta_bias is None else _up(delta) + _up(delta_bias)
-    dt = F.softplus(pre) if delta_softplus else pre
-    dA_ = torch.exp(dt[..., None] * Af)  # (B, L, Dm, N)
-    if pos is not None:
-        dA_ = torch.where((pos == 0)[..., None, None], 0.0, dA_)
-    h = uf.new_zeros(Bb, Dm, A.shape[1])
-    hs = []
-    for t in range(L):
-        h = dA_[:, t] * h + (dt[:, t] * uf[:, t])[..., None] * Bf[:, t, None, :]
-        hs.append(h)
-    hs = torch.stack(hs, 1)  # (B, L, Dm, N)
+    pre, dt, dA_, hs = _ref_states(u, delta, A, B, delta_bias, pos, delta_softplus)  # hs (B, L, Dm, N)
     y = (hs * Cf[:, :, None, :]).sum(-1)  # (B, L, Dm)
     if D is not None:
         y = y + uf * _up(D)
@@ -145,7 +140,7 @@ def selective_scan_bwd_ref(dout, u, delta, A, B, C, D=None, z=None, delta_bias=N
     ddt = torch.zeros_like(dt)
     dB = torch.zeros_like(Bf)
     dAsum = torch.zeros_like(Af)
-    g = torch.zeros_like(h)  # dL/dh_t flowing back from token t+1
+    g = torch.zeros_like(hs[:, 0])  # dL/dh_t flowing back from token t+1
     for t in reversed(range(L)):
         g = g + Cf[:, t, None, :] * dy[:, t, :, None]  # (B, Dm, N)
         h_prev = hs[:, t - 1] if t > 0 else torch.zeros_like(g)
