@@ -395,10 +395,17 @@ class Shard:
         return docs
 
 
+def shard_names(data_dir, split):
+    """The file names of the {split}_NNN.bin shards in data_dir, in shard order ([] if none)."""
+    if not os.path.isdir(data_dir):
+        return []
+    return sorted((f for f in os.listdir(data_dir) if SHARD_RE.match(f) and f.startswith(split + "_")),
+                  key=lambda f: int(f[len(split) + 1:-4]))
+
+
 def open_split(data_dir, split):
     """All {split}_*.bin of data_dir, in shard order; they must agree on tokenizer and row length."""
-    names = sorted((f for f in os.listdir(data_dir) if SHARD_RE.match(f) and f.startswith(split + "_")),
-                   key=lambda f: int(f[len(split) + 1:-4])) if os.path.isdir(data_dir) else []
+    names = shard_names(data_dir, split)
     if not names:
         raise ShardError(f"no {split} shards in {data_dir}: run `python pack.py --out_dir {data_dir}` first")
     shards = [Shard(os.path.join(data_dir, f)) for f in names]

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from model import PEAK_BF16_FLOPS, PRESETS, MambaConfig, MambaLM
-from pack import SHARD_RE, ShardError, open_split, pad_documents
+from pack import ShardError, open_split, pad_documents, shard_names
 
 # defaults of the options left at "auto": (on CUDA, on CPU)
 AUTO = {
@@ -195,7 +195,7 @@ class Batches:
 def load_data(args):
     """-> train shards, val shards (None where pack.py held no document out)."""
     train = open_split(args.data_dir, "train")
-    if not any(SHARD_RE.match(f) and f.startswith("val_") for f in os.listdir(args.data_dir)):
+    if not shard_names(args.data_dir, "val"):
         print(f"note: no val shards in {args.data_dir}: training without evaluation")
         return train, None
     val = open_split(args.data_dir, "val")
