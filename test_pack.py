@@ -416,31 +416,24 @@ def test_packed_equals_each_document_alone():
         assert not torch.allclose(leaky, torch.cat(alone), rtol=1e-6, atol=1e-6)
 
 
-def _d1_like_pos(Bb, Ll, seed=0):
-    """Rows packed with lognormal lengths (median 512, sigma 1, clipped to [16, Ll])."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(Bb):
-        row, total = [], 0
-        while total < Ll:
-            n = int(torch.empty(1).log_normal_(6.238, 1.0, generator=g).clamp(16, Ll))  # log(512) = 6.238
-            n = min(n, Ll - total)
-            row.append(n)
-            total += n
-        rows.append(row)
-    return pos_from_lengths(rows, Ll)
+def d1_pos(Bb, L):
+    """pos (Bb, L) int32 of Bb rows as bench.py's packed mode makes them: DESIGN.md's D1 lengths
+    (bench.doc_lengths), packed by pack.pack_documents, rows shuffled."""
+    docs = [np.concatenate([[0], np.ones(n - 1, np.int64)]) for n in bench.doc_lengths("d1", 2 * Bb * L)]
+    tokens, cu = pack.pack_documents(docs, L, 0, rng=np.random.default_rng(0))
+    return torch.from_numpy(pack.batch_rows(tokens[:Bb], cu[:Bb], L)[2])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("Dd", [1536, 4096])
 def test_real_size(dtype, Dd):
-    """B=8, L=2048, packed D1-like rows. Ground truth: the reference in fp64. Tolerance: a small
+    """B=8, L=2048, rows packed from D1 lengths as bench.py packs them. Ground truth: the reference in fp64. Tolerance: a small
     multiple of the error of the unpacked reference path itself in this dtype."""
     Bb, Ll, W = 8, 2048, 4
     x, weight, bias = inputs(W, True, dtype=dtype, Bb=Bb, Ll=Ll, Dd=Dd)
     dout = torch.randn(Bb, Ll, Dd, device=DEV, dtype=dtype)
-    pos = _d1_like_pos(Bb, Ll)
+    pos = d1_pos(Bb, Ll).to(DEV)
 
     def grads(fn, *args):
         leaves = [a.detach().clone().requires_grad_() for a in args]
@@ -679,13 +672,10 @@ def test_model_ref_ops_match_kernel_ops():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("Dm", [1536, 4096])
 def test_scan_real_size(dtype, Dm):
-    """Rows of 2048 packed from D1-like lengths. Tolerance: 3x the unpacked reference path's own error
+    """Rows of 2048 packed from D1 lengths. Tolerance: 3x the unpacked reference path's own error
     against fp64 at the same input precision (plus fp32 rounding)."""
     Bb, L = 2, 2048
-    g = torch.Generator().manual_seed(1)
-    lens = [[int(v) for v in torch.randint(16, 700, (8,), generator=g)] for _ in range(Bb)]
-    lens = [[n for i, n in enumerate(r) if sum(r[:i + 1]) <= L] for r in lens]
-    pos = pos_from_lengths(lens, L, "cpu").cuda()
+    pos = d1_pos(Bb, L).cuda()
     x = scan_inputs(Bb, L, Dm, 16, dtype, "cuda")
     x64 = {k: v.double() for k, v in x.items()}
     x32 = {k: v.float() for k, v in x.items()}
