@@ -428,8 +428,8 @@ def d1_pos(Bb, L):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("Dd", [1536, 4096])
 def test_real_size(dtype, Dd):
-    """B=8, L=2048, rows packed from D1 lengths as bench.py packs them. Ground truth: the reference in fp64. Tolerance: a small
-    multiple of the error of the unpacked reference path itself in this dtype."""
+    """B=8, L=2048, rows packed from D1 lengths as bench.py packs them. Ground truth: the reference in
+    fp64. Tolerance: a small multiple of the error of the unpacked reference path itself in this dtype."""
     Bb, Ll, W = 8, 2048, 4
     x, weight, bias = inputs(W, True, dtype=dtype, Bb=Bb, Ll=Ll, Dd=Dd)
     dout = torch.randn(Bb, Ll, Dd, device=DEV, dtype=dtype)
