@@ -514,28 +514,40 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # -----------------------------------------------------------------------------
 # Triton selective scan
 #
-# One program owns one row b and BD channels for all L tokens, the fp32 state
-# (N, BD) in registers: a thread holds all N states of its channel (BD = 32 per
-# warp) or N/2, N/4 of them for smaller BD, so the sum over N that forms y is
-# (mostly) inside a thread. The program walks the row one token at a time: the
-# recurrence h = a h + x is one FMA per state, and the work of a token is a few
-# loads, one softplus per channel and one exp2 per state. Loads run GROUP
-# tokens ahead of their use: the loop is unrolled by GROUP, and each token's
-# inputs are re-loaded for token + GROUP as soon as they are consumed.
+# One program owns one segment of one row b (whole CHUNKs of tokens; the whole
+# row unless the GPU would be underfilled, see _segments) and BD channels, the
+# fp32 state (N, BD) in registers: a thread holds all N states of its channel
+# (BD = 32 per warp) or N/2, N/4 of them for smaller BD, so the sum over N that
+# forms y is (mostly) inside a thread. The program walks its tokens one at a
+# time: the recurrence h = a h + x is one FMA per state, and the work of a token
+# is a few loads, one softplus per channel and one exp2 per state. Loads run
+# GROUP tokens ahead of their use: the loop is unrolled by GROUP, and each
+# token's inputs are re-loaded for token + GROUP as soon as they are consumed.
+#
+# Segments: the recurrence is linear, so the state entering a segment is the
+# sum over the segments before it of their state started from zero, each
+# decayed by the product of the decays after it (0 past a document start).
+# _scan_carry_kernel computes every segment's local carry and decay product
+# (one more exp per state and token), _scan_combine_kernel chains them (an
+# associative scan over segments), and the main kernels start from the result.
+# The backward does the same for the adjoint, walking the other way.
 #
 # What the backward needs and what is saved: the inputs, plus the state at the
 # end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 32 states
 # x 256 KB per row, half the size of u in bf16), never the full state history
-# (L x N x Dm). The backward walks the chunks last to first. For each chunk it
+# (L x N x Dm). The backward walks its chunks last to first. For each chunk it
 # recomputes the forward from the saved state and stashes the state entering
 # every group of GROUP tokens in a scratch buffer (CHUNK/GROUP x N x BD fp32 per
 # program, which stays in L2), then walks the groups backwards: recompute the
 # group's GROUP states and decays into registers, then run the adjoint
 # g_t = C_t dy_t + a_{t+1} g_{t+1} back through them, forming every gradient.
 # dB and dC are sums over channels: each program writes its partial sum over its
-# BD channels and torch sums the partials (deterministic, no atomics).
+# BD channels (a reduce-scatter across lanes, _store_channel_sum) and torch sums
+# the partials (deterministic, no atomics); dA, dD and d(delta bias) likewise
+# per (row, segment).
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 GROUP = tl.constexpr(4)
 
 
@@ -564,17 +576,134 @@ def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl,
 
 
 @triton.jit
-def _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """One token's dt (BD,), softplus input (BD,), decay a = exp(dt A) (N, BD; 0 at a document
-    start) and input x = dt u B (N, BD). Tokens past the row's end are identities (a = 1, x = 0)."""
+def _load_dout(dout_p, t, L, Dm, dm):
+    """dL/dout of token t (BD,) in fp32; zeros past the row's end."""
+    return tl.load(dout_p + t * Dm, mask=tl.where(t < L, dm, False), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decay(dl, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One token's dt (BD,), softplus input (BD,) and decay a = exp(dt A) (N, BD; 0 at a document
+    start). Tokens past the row's end are identities (dt = 0, a = 1)."""
     pre = dl.to(tl.float32)
     if HAS_BIAS:
         pre += bias
     dt = tl.where(ok, _softplus(pre) if SOFTPLUS else pre, 0.0)
     a = tl.exp2(dt[None, :] * A2)
     a = tl.where(p == 0, 0.0, a)
+    return dt, pre, a
+
+
+@triton.jit
+def _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """_decay, plus the token's input x = dt u B (N, BD; 0 past the row's end)."""
+    dt, pre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
     x = (dt * u.to(tl.float32))[None, :] * Bt.to(tl.float32)[:, None]
     return dt, pre, a, x
+
+
+@triton.jit
+def _gate(x, zz, HAS_Z: tl.constexpr):
+    """x silu(z) (BD,) with z, x without: out from y, and dL/dy from dL/dout."""
+    if HAS_Z:
+        zf = zz.to(tl.float32)
+        return x * zf * tl.sigmoid(zf)
+    return x
+
+
+@triton.jit
+def _carry_token(c, sdt, cut, u, dl, Bt, Ct, zz, dout, p, ok, bias, A2, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One token of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag."""
+    if REVERSE:
+        dt, pre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+        c = a * (c + Ct.to(tl.float32)[:, None] * _gate(dout, zz, HAS_Z)[None, :])
+    else:
+        dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+        c = a * c + x
+    return c, sdt + dt, tl.where(p == 0, 1, cut)
+
+
+@triton.jit
+def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos_ptr, dout_ptr, loc_ptr, P_ptr,
+                       L, Dm, seg_len, n_seg, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
+                       N: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Segment-local carries, each started from zero. Forward: the state leaving the segment,
+    h = a_t h + dt_t u_t B_t, for segments 0 .. n_seg-2. Backward (REVERSE): the adjoint leaving its
+    first token, g = a_t (g + C_t dy_t) walking back, for segments 1 .. n_seg-1. With P = prod a_t
+    over the segment (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains."""
+    b = tl.program_id(2).to(tl.int64)
+    s = tl.program_id(1) + (1 if REVERSE else 0)
+    d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
+    dm = d < Dm
+    n = tl.arange(0, N)
+    nm = n < N
+    A2 = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
+    bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
+    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_ptr + b * s_bb + n, C_ptr + b * s_cb + n,
+            z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
+    strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
+    dout_p = dout_ptr + b * L * Dm + d
+    c = tl.zeros((N, BD), tl.float32)
+    sdt = tl.zeros((BD,), tl.float32)  # sum of dt over the segment: P = exp(A sdt) unless a document starts
+    cut = 0  # 1 once a document starts inside the segment
+    step: tl.constexpr = -1 if REVERSE else 1
+    t = (s + 1) * seg_len - 1 if REVERSE else s * seg_len  # the segment's first token in walking order
+    # unrolled by GROUP, each token's inputs re-loaded GROUP tokens ahead as soon as used (as in the forward)
+    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    g0 = _load_dout(dout_p, t, L, Dm, dm) if REVERSE else 0.0
+    g1 = _load_dout(dout_p, t + step, L, Dm, dm) if REVERSE else 0.0
+    g2 = _load_dout(dout_p, t + 2 * step, L, Dm, dm) if REVERSE else 0.0
+    g3 = _load_dout(dout_p, t + 3 * step, L, Dm, dm) if REVERSE else 0.0
+    for k in range(0, seg_len, GROUP):
+        t = ((s + 1) * seg_len - 1 - k) if REVERSE else (s * seg_len + k)
+        c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, C0, z0, g0, p0, ok0, bias, A2,
+                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
+        u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        g0 = _load_dout(dout_p, t + 4 * step, L, Dm, dm) if REVERSE else 0.0
+        c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, C1, z1, g1, p1, ok1, bias, A2,
+                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
+        u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        g1 = _load_dout(dout_p, t + 5 * step, L, Dm, dm) if REVERSE else 0.0
+        c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, C2, z2, g2, p2, ok2, bias, A2,
+                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
+        u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        g2 = _load_dout(dout_p, t + 6 * step, L, Dm, dm) if REVERSE else 0.0
+        c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, C3, z3, g3, p3, ok3, bias, A2,
+                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
+        u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        g3 = _load_dout(dout_p, t + 7 * step, L, Dm, dm) if REVERSE else 0.0
+    P = tl.where(cut != 0, 0.0, tl.exp2(sdt[None, :] * A2))
+    out = (b * n_seg + s) * N * Dm + n[:, None] * Dm + d[None, :]
+    tl.store(loc_ptr + out, c, mask=dm[None, :])
+    tl.store(P_ptr + out, P, mask=dm[None, :])
+
+
+@triton.jit
+def _chain(P1, loc1, P2, loc2):
+    """Two consecutive segments' (decay product, local carry) as one: c -> P2 (P1 c + loc1) + loc2."""
+    return P1 * P2, P2 * loc1 + loc2
+
+
+@triton.jit
+def _scan_combine_kernel(loc_ptr, P_ptr, n_seg, M, SEGS: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Chains the segments' local carries (B, n_seg, M) in place into the carry entering each segment
+    (zero for the first in the pass's direction): one associative scan along the segments."""
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
+    j = tl.arange(0, SEGS)[:, None]  # (SEGS, 1)
+    m = (j < n_seg) & (i < M)
+    loc = tl.load(loc_ptr + (b * n_seg + j) * M + i, mask=m, other=0.0)  # (SEGS, BLOCK)
+    P = tl.load(P_ptr + (b * n_seg + j) * M + i, mask=m, other=1.0)
+    _, c = tl.associative_scan((P, loc), 0, _chain, reverse=REVERSE)  # c[j]: the carry leaving segment j
+    to = j - 1 if REVERSE else j + 1  # the segment it enters
+    tl.store(loc_ptr + (b * n_seg + to) * M + i, c, mask=m & (to >= 0) & (to < n_seg))
+    first = n_seg - 1 if REVERSE else 0
+    tl.store(loc_ptr + (b * n_seg + first) * M + i, tl.zeros((1, BLOCK), tl.float32), mask=i < M)
 
 
 @triton.jit
@@ -586,20 +715,22 @@ def _fwd_token(h, t, u, dl, Bt, Ct, zz, p, ok, A2, bias, Dv, out_p, Dm, dm, HAS_
     uf = u.to(tl.float32)
     if HAS_D:
         y += uf * Dv
-    if HAS_Z:
-        zf = zz.to(tl.float32)
-        y = y * zf * tl.sigmoid(zf)
+    y = _gate(y, zz, HAS_Z)
     tl.store(out_p + t * Dm, y.to(out_p.dtype.element_ty), mask=tl.where(ok, dm, False))
     return h
 
 
 @triton.jit
 def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, out_ptr, st_ptr,
-                     L, Dm, n_chunks, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
+                     cin_ptr, L, Dm, n_chunks, seg_len, n_seg,
+                     s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                      N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
                      SOFTPLUS: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    s = tl.program_id(1)  # segment: chunks [c0, c1)
+    c0 = s * (seg_len // CHUNK)
+    c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
     dm = d < Dm
     n = tl.arange(0, N)
@@ -613,12 +744,14 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     st_p = st_ptr + b * n_chunks * N * Dm + n[:, None] * Dm + d[None, :]
     args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
-    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, 0, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    h = tl.zeros((N, BD), tl.float32)
-    for c in range(n_chunks):
+    seg_p = (b * n_seg + s) * N * Dm + n[:, None] * Dm + d[None, :]
+    h = tl.load(cin_ptr + seg_p, mask=tl.where(n_seg > 1, dm, False)[None, :], other=0.0)  # the state entering
+    t0 = c0 * CHUNK
+    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t0, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t0 + 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t0 + 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t0 + 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    for c in range(c0, c1):
         # unrolled by GROUP = 4 with no branch inside, so the compiler can interleave the tokens;
         # each token's inputs are re-loaded GROUP tokens ahead as soon as they are consumed
         for k in range(0, CHUNK, GROUP):
@@ -639,10 +772,46 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
 
 
 @triton.jit
-def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, p, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias, Dv,
+def _lane_xor(x, m):
+    """x (K, BD) with column d replaced by column d ^ m: a warp shuffle when the columns sit one per lane."""
+    idx = tl.arange(0, x.shape[1])[None, :] ^ m
+    return tl.gather(x, tl.broadcast_to(idx, x.shape), axis=1)
+
+
+@triton.jit
+def _fold(x, col, m):
+    """One step of a reduce-scatter over columns: x (K, BD) -> (K/2, BD). Columns with bit m set keep the
+    upper half of the rows, the others the lower half, and each adds the same half from column d ^ m."""
+    lo, hi = tl.split(tl.permute(tl.reshape(x, (2, x.shape[0] // 2, x.shape[1])), (1, 2, 0)))
+    up = (col & m) != 0
+    return tl.where(up, hi, lo) + _lane_xor(tl.where(up, lo, hi), m)
+
+
+@triton.jit
+def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr):
+    """Stores x (N, BD) summed over its BD channels at p[0:N] if token ok. tl.sum would reduce each
+    of the N rows across the lanes on its own (log2(BD) shuffles each); with N <= BD (powers of 2)
+    a reduce-scatter halves the rows at each shuffle instead: N = 16, BD = 32 take 16 shuffles, not 80."""
+    if LOG2_N <= LOG2_BD:
+        col = tl.arange(0, x.shape[1])[None, :]  # (1, BD)
+        s = x
+        for i in tl.static_range(LOG2_N):  # rows N -> 1; column d then holds row d >> SPREAD
+            s = _fold(s, col, 1 << (LOG2_BD - 1 - i))
+        SPREAD: tl.constexpr = LOG2_BD - LOG2_N
+        for i in tl.static_range(SPREAD):  # sum the copies of each row, 2**SPREAD columns apart
+            s = s + _lane_xor(s, 1 << i)
+        tl.store(p + (col >> SPREAD), s, mask=tl.where(ok, (col & ((1 << SPREAD) - 1)) == 0, False))
+    else:
+        tl.store(p + tl.arange(0, x.shape[0]), tl.sum(x, 1), mask=tl.where(ok, nm, False))
+
+
+@triton.jit
+def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias, Dv,
                dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
-               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Token t of the backward. gc = a_{t+1} g_{t+1} (N, BD) comes in; a_t g_t goes out."""
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr,
+               LOG2_BD: tl.constexpr):
+    """Token t of the backward, dout its (BD,) output gradient. gc = a_{t+1} g_{t+1} (N, BD) comes in;
+    a_t g_t goes out."""
     ok = t < L
     m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
     pre = dl.to(tl.float32)
@@ -650,7 +819,7 @@ def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, p, dout_p, du_p, ddl_p, d
         pre += bias
     dt = _softplus(pre) if SOFTPLUS else pre
     uf, Bf, Cf = u.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32)
-    dout = tl.load(dout_p + t * Dm, mask=m, other=0.0).to(tl.float32)  # (BD,)
+    dy = _gate(dout, zz, HAS_Z)
     if HAS_Z:
         y = tl.sum(h * Cf[:, None], 0)
         if HAS_D:
@@ -658,14 +827,11 @@ def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, p, dout_p, du_p, ddl_p, d
         zf = zz.to(tl.float32)
         sz = tl.sigmoid(zf)
         tl.store(dz_p + t * Dm, (dout * y * sz * (1 + zf * (1 - sz))).to(dz_p.dtype.element_ty), mask=m)
-        dy = dout * zf * sz
-    else:
-        dy = dout
     g = gc + Cf[:, None] * dy[None, :]  # (N, BD): dL/dh_t
     X = g * a * h_prev  # dL/dlog(a_t) per state
     dA_acc += X * dt[None, :]
     gB = tl.sum(g * Bf[:, None], 0)  # (BD,)
-    ddt = tl.sum(X * A, 0) + gB * uf
+    ddt = tl.sum(X * A2, 0) * LN2 + gB * uf  # sum X A
     du = gB * dt
     if HAS_D:
         du += dy * Dv
@@ -674,27 +840,31 @@ def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, p, dout_p, du_p, ddl_p, d
     dbias_acc += tl.where(m, ddelta, 0.0)
     tl.store(du_p + t * Dm, du.to(du_p.dtype.element_ty), mask=m)
     tl.store(ddl_p + t * Dm, ddelta.to(ddl_p.dtype.element_ty), mask=m)
-    tl.store(dB_p + t * n_dblk * N, tl.sum(g * (dt * uf)[None, :], 1), mask=tl.where(ok, nm, False))  # this program's channels
-    tl.store(dC_p + t * n_dblk * N, tl.sum(h * dy[None, :], 1), mask=tl.where(ok, nm, False))
+    _store_channel_sum(dB_p + t * n_dblk * N, g * (dt * uf)[None, :], ok, nm, LOG2_N, LOG2_BD)  # this program's channels
+    _store_channel_sum(dC_p + t * n_dblk * N, h * dy[None, :], ok, nm, LOG2_N, LOG2_BD)
     return a * g, dA_acc, dD_acc, dbias_acc
 
 
 @triton.jit
 def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
-                     scr_ptr, du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-                     L, Dm, n_chunks, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
+                     cin_ptr, scr_ptr, du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+                     L, Dm, n_chunks, seg_len, n_seg,
+                     s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                      N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr):
     pid_d = tl.program_id(0)
     n_dblk = tl.num_programs(0)
-    b = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(1)  # segment: chunks [c0, c1)
+    c0 = s * (seg_len // CHUNK)
+    c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
+    b = tl.program_id(2).to(tl.int64)
+    bs = b * n_seg + s
     d = pid_d * BD + tl.arange(0, BD)  # (BD,)
     dm = d < Dm
     n = tl.arange(0, N)
     nm = n < N
-    A = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0)  # (N, BD)
-    A2 = A * LOG2E
+    A2 = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
     bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
@@ -703,61 +873,99 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     row = b * L * Dm + d
     dout_p, du_p, ddl_p, dz_p = dout_ptr + row, du_ptr + row, ddl_ptr + row, dz_ptr + row
-    dB_p = dB_ptr + (b * L * n_dblk + pid_d) * N + n  # partials (B, L, n_dblk, N)
-    dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N + n
-    scr = scr_ptr + (b * n_dblk + pid_d) * (CHUNK // GROUP) * N * BD + n[:, None] * BD + tl.arange(0, BD)[None, :]
+    dB_p = dB_ptr + (b * L * n_dblk + pid_d) * N  # partials (B, L, n_dblk, N)
+    dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N
+    scr = scr_ptr + (bs * n_dblk + pid_d) * (CHUNK // GROUP) * N * BD + n[:, None] * BD + tl.arange(0, BD)[None, :]
     st_p = st_ptr + b * n_chunks * N * Dm + n[:, None] * Dm + d[None, :]
-    gc = tl.zeros((N, BD), tl.float32)  # a_{t+1} g_{t+1}: the adjoint flowing back into token t
+    seg_p = (b * n_seg + s) * N * Dm + n[:, None] * Dm + d[None, :]
+    # a_{t+1} g_{t+1}: the adjoint flowing back into token t; at first, what the later segments send
+    gc = tl.load(cin_ptr + seg_p, mask=tl.where(n_seg > 1, dm, False)[None, :], other=0.0)
     dA_acc = tl.zeros((N, BD), tl.float32)
     dD_acc = tl.zeros((BD,), tl.float32)
     dbias_acc = tl.zeros((BD,), tl.float32)
-    for cc in range(n_chunks):
-        c = n_chunks - 1 - cc
+    for cc in range(c1 - c0):
+        c = c1 - 1 - cc
         h = tl.where(c > 0, tl.load(st_p + tl.maximum(c - 1, 0) * N * Dm, mask=dm[None, :], other=0.0), 0.0)
-        for k in range(0, CHUNK, GROUP):  # forward through the chunk, stashing the state entering each group
+        # forward through the chunk, stashing the state entering each group; loads GROUP tokens ahead
+        t = c * CHUNK
+        u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, False, HAS_POS)
+        u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, False, HAS_POS)
+        u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, False, HAS_POS)
+        u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, False, HAS_POS)
+        for k in range(0, CHUNK, GROUP):
+            t = c * CHUNK + k
             tl.store(scr + (k // GROUP) * N * BD, h)
-            for j in tl.static_range(GROUP):
-                u, dl, Bt, Ct, zz, p, ok = _load_token(*args, c * CHUNK + k + j, L, dm, nm, *strides, False, HAS_POS)
-                dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
-                h = a * h + x
-        for kk in range(0, CHUNK, GROUP):  # back through the groups
+            dt, pre, a, x = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS)
+            h = a * h + x
+            u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, HAS_POS)
+            dt, pre, a, x = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS)
+            h = a * h + x
+            u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, HAS_POS)
+            dt, pre, a, x = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS)
+            h = a * h + x
+            u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, HAS_POS)
+            dt, pre, a, x = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS)
+            h = a * h + x
+            u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, HAS_POS)
+        # back through the groups, each token's inputs re-loaded for the group before as soon as used
+        t = c * CHUNK + CHUNK - GROUP
+        u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        g0, g1 = _load_dout(dout_p, t, L, Dm, dm), _load_dout(dout_p, t + 1, L, Dm, dm)
+        g2, g3 = _load_dout(dout_p, t + 2, L, Dm, dm), _load_dout(dout_p, t + 3, L, Dm, dm)
+        for kk in range(0, CHUNK, GROUP):
             k = CHUNK - GROUP - kk
             t = c * CHUNK + k
+            tp = tl.maximum(t - GROUP, 0)  # the group before (a harmless re-load at the chunk's start)
             h0 = tl.load(scr + (k // GROUP) * N * BD)
-            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS)
-            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
-            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
-            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
-            _, _, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS)
+            dt, pre, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS)
             h1 = a0 * h0 + x0
-            _, _, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS)
+            dt, pre, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS)
             h2 = a1 * h1 + x1
-            _, _, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS)
+            dt, pre, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS)
             h3 = a2 * h2 + x2
-            _, _, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS)
+            dt, pre, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS)
             h4 = a3 * h3 + x3
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h3, h4, a3, t + 3, u3, dl3, B3, C3, z3, p3, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias,
-                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+                gc, h3, h4, a3, t + 3, u3, dl3, B3, C3, z3, g3, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
+                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                LOG2_N, LOG2_BD)
+            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp + 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            g3 = _load_dout(dout_p, tp + 3, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h2, h3, a2, t + 2, u2, dl2, B2, C2, z2, p2, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias,
-                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+                gc, h2, h3, a2, t + 2, u2, dl2, B2, C2, z2, g2, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
+                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                LOG2_N, LOG2_BD)
+            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp + 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            g2 = _load_dout(dout_p, tp + 2, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h1, h2, a1, t + 1, u1, dl1, B1, C1, z1, p1, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias,
-                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
+                gc, h1, h2, a1, t + 1, u1, dl1, B1, C1, z1, g1, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
+                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                LOG2_N, LOG2_BD)
+            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp + 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            g1 = _load_dout(dout_p, tp + 1, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h0, h1, a0, t, u0, dl0, B0, C0, z0, p0, dout_p, du_p, ddl_p, dz_p, dB_p, dC_p, A, bias,
-                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
-    tl.store(dA_ptr + (b * N + n[:, None]) * Dm + d[None, :], dA_acc, mask=dm[None, :])
+                gc, h0, h1, a0, t, u0, dl0, B0, C0, z0, g0, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
+                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                LOG2_N, LOG2_BD)
+            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS)
+            g0 = _load_dout(dout_p, tp, L, Dm, dm)
+    tl.store(dA_ptr + (bs * N + n[:, None]) * Dm + d[None, :], dA_acc, mask=dm[None, :])
     if HAS_D:
-        tl.store(dD_ptr + b * Dm + d, dD_acc, mask=dm)
+        tl.store(dD_ptr + bs * Dm + d, dD_acc, mask=dm)
     if HAS_BIAS:
-        tl.store(dbias_ptr + b * Dm + d, dbias_acc, mask=dm)
+        tl.store(dbias_ptr + bs * Dm + d, dbias_acc, mask=dm)
 
 
 # (BD channels per program, num_warps): the best of a sweep on an H200 (notes/perf.md)
 SCAN_FWD_CONFIG = dict(BD=32, num_warps=1)
 SCAN_BWD_CONFIG = dict(BD=32, num_warps=1)
+# How many programs of each kernel fit on a multiprocessor at once (registers: ~120 forward, 255 backward).
+# With the GPU well filled, rows stay whole; else they are split into segments (notes/perf.md).
+SCAN_FWD_PROGRAMS_PER_SM = 16
+SCAN_BWD_PROGRAMS_PER_SM = 8
 
 
 def _rowmajor(t):
@@ -780,43 +988,94 @@ def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos):
     return tensors, strides, flags
 
 
-def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD=None, num_warps=None):
+def _segments(u, programs, segments, per_sm):
+    """(segment length in tokens, number of segments), a segment being whole chunks: `segments` of them
+    if given, else chosen from the waves of programs the GPU runs (slots = per_sm x multiprocessors at
+    once). One wave at least 40% full stays whole. Otherwise: the fewest waves x segment length, plus
+    15% for the carry passes that splitting costs and 0.5% per segment (each program's setup). On an
+    H200 at 8 x 2048 tokens this picks forward 11 / 1 / 1 and backward 8 / 1 / 4 segments at d_inner
+    1536 / 4096 / 5120, within 5% of the best of a sweep (notes/perf.md)."""
+    n_chunks = _n_chunks(u.shape[1])
+    if segments is not None:
+        seg_chunks = triton.cdiv(n_chunks, min(segments, n_chunks))
+        return seg_chunks * CHUNK, triton.cdiv(n_chunks, seg_chunks)
+    sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
+    slots = per_sm * sms
+    if 0.4 * slots <= programs <= slots:
+        return n_chunks * CHUNK, 1
+
+    def cost(seg_chunks):
+        n_seg = triton.cdiv(n_chunks, seg_chunks)
+        return triton.cdiv(programs * n_seg, slots) * seg_chunks / n_chunks + 0.15 * (n_seg > 1) + 0.005 * n_seg
+
+    seg_chunks = min(range(n_chunks, 0, -1), key=cost)
+    return seg_chunks * CHUNK, triton.cdiv(n_chunks, seg_chunks)
+
+
+def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, softplus, reverse):
+    """The carry entering each segment (B, n_seg, N, Dm) fp32: the state for the forward (reverse=False),
+    the adjoint a_{t+1} g_{t+1} for the backward. Nothing to compute for one segment."""
+    u, A = tensors[0], tensors[2]
+    if n_seg == 1:
+        return A.new_zeros(1)
+    Bb, L, Dm = u.shape
+    N = A.shape[0]
+    loc = torch.empty(Bb, n_seg, N, Dm, device=u.device, dtype=torch.float32)
+    P = torch.empty_like(loc)
+    D_, z, bias, pos = tensors[5:]
+    flags = {k: v for k, v in flags.items() if k != "HAS_D"}
+    _scan_carry_kernel[(triton.cdiv(Dm, BD), n_seg - 1, Bb)](
+        *tensors[:5], z, bias, pos, dout, loc, P, L, Dm, seg_len, n_seg, *strides, N=N, BD=BD,
+        REVERSE=reverse, SOFTPLUS=softplus, num_warps=num_warps, **flags)
+    SEGS = triton.next_power_of_2(n_seg)
+    _scan_combine_kernel[(triton.cdiv(N * Dm, 2048 // SEGS), Bb)](loc, P, n_seg, N * Dm, SEGS=SEGS,
+                                                                   BLOCK=2048 // SEGS, REVERSE=reverse)
+    return loc
+
+
+def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD=None, num_warps=None,
+                    segments=None):
     """Launches the forward; returns out (B, L, Dm) in u.dtype and the chunk-end states (B, n_chunks, N, Dm)."""
     BD, num_warps = BD or SCAN_FWD_CONFIG["BD"], num_warps or SCAN_FWD_CONFIG["num_warps"]
     Bb, L, Dm = u.shape
     N = A.shape[1]
     n_chunks = _n_chunks(L)
+    seg_len, n_seg = _segments(u, triton.cdiv(Dm, BD) * Bb, segments, SCAN_FWD_PROGRAMS_PER_SM)
     out = torch.empty(Bb, L, Dm, device=u.device, dtype=u.dtype)
     states = torch.empty(Bb, n_chunks, N, Dm, device=u.device, dtype=torch.float32)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
-    _scan_fwd_kernel[(triton.cdiv(Dm, BD), Bb)](
-        *tensors, out, states, L, Dm, n_chunks, *strides, N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus,
-        num_warps=num_warps, **flags)
+    cin = _carries(tensors, strides, flags, out, seg_len, n_seg, BD, num_warps, delta_softplus, False)
+    _scan_fwd_kernel[(triton.cdiv(Dm, BD), n_seg, Bb)](
+        *tensors, out, states, cin, L, Dm, n_chunks, seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK,
+        SOFTPLUS=delta_softplus, num_warps=num_warps, **flags)
     return out, states
 
 
 def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delta_softplus, BD=None,
-                    num_warps=None):
+                    num_warps=None, segments=None):
     """Launches the backward; returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)."""
     BD, num_warps = BD or SCAN_BWD_CONFIG["BD"], num_warps or SCAN_BWD_CONFIG["num_warps"]
     Bb, L, Dm = u.shape
     N = A.shape[1]
     n_dblk = triton.cdiv(Dm, BD)
+    seg_len, n_seg = _segments(u, n_dblk * Bb, segments, SCAN_BWD_PROGRAMS_PER_SM)
     f32 = dict(device=u.device, dtype=torch.float32)
     dout = dout.contiguous()
     du = torch.empty(Bb, L, Dm, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(Bb, L, Dm, device=u.device, dtype=delta.dtype)
     dz = torch.empty(Bb, L, Dm, device=u.device, dtype=z.dtype) if z is not None else du
-    dA = torch.empty(Bb, N, Dm, **f32)
-    dB = torch.empty(Bb, L, n_dblk, N, **f32)
+    dA = torch.empty(Bb * n_seg, N, Dm, **f32)  # partial sums of each (row, segment)
+    dB = torch.empty(Bb, L, n_dblk, N, **f32)  # partial sums of each channel block
     dC = torch.empty(Bb, L, n_dblk, N, **f32)
-    dD = torch.empty(Bb, Dm, **f32)
-    dbias = torch.empty(Bb, Dm, **f32)
-    scratch = torch.empty(Bb, n_dblk, CHUNK // GROUP, N, BD, **f32)
+    dD = torch.empty(Bb * n_seg, Dm, **f32)
+    dbias = torch.empty(Bb * n_seg, Dm, **f32)
+    scratch = torch.empty(Bb * n_seg, n_dblk, CHUNK // GROUP, N, BD, **f32)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
-    _scan_bwd_kernel[(n_dblk, Bb)](
-        *tensors, states, dout, scratch, du, ddelta, dz, dA, dB, dC, dD, dbias, L, Dm, states.shape[1], *strides,
-        N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, num_warps=num_warps, **flags)
+    cin = _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, delta_softplus, True)
+    _scan_bwd_kernel[(n_dblk, n_seg, Bb)](
+        *tensors, states, dout, cin, scratch, du, ddelta, dz, dA, dB, dC, dD, dbias, L, Dm, states.shape[1],
+        seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, num_warps=num_warps,
+        LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
     return [du, ddelta, dA.sum(0).t().contiguous().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None]

@@ -555,39 +555,56 @@ def test_scan_ref_packed_equals_each_document_alone(layout):
     assert rel(kernels.selective_scan_ref(**x, pos=None), alone_out) > 1e-3
 
 
+@pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("layout", list(SCAN_LAYOUTS) + [None])
-def test_scan_triton_matches_ref(layout, small_chunks):
+def test_scan_triton_matches_ref(layout, segments, small_chunks):
     """The Triton scan (interpreted on CPU) against the reference: output, chunk states and
-    every gradient, fresh random inputs, fp32, two channel blocks (one partial)."""
+    every gradient, fresh random inputs, fp32, two channel blocks (one partial); rows whole or
+    split into segments (carries chained across them)."""
     x = scan_inputs(2, L_SMALL, 12, 4, torch.float32, DEV)
     pos = None if layout is None else pos_from_lengths(SCAN_LAYOUTS[layout], L_SMALL, "cpu").to(DEV)
     want, want_states = kernels.selective_scan_ref(**x, pos=pos, return_states=True)
-    got, states = kernels.scan_fwd_triton(**x, pos=pos, delta_softplus=True, BD=8, num_warps=1)
+    kw = dict(delta_softplus=True, BD=8, num_warps=1, segments=segments)
+    got, states = kernels.scan_fwd_triton(**x, pos=pos, **kw)
     assert rel(got, want) < 1e-5 and rel(states, want_states) < 1e-5
     dout = torch.randn_like(want)
     want_g = kernels.selective_scan_bwd_ref(dout, **x, pos=pos)
-    got_g = kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, delta_softplus=True, BD=8, num_warps=1)
+    got_g = kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, **kw)
     for name, g, w in zip(SCAN_GRADS, got_g, want_g):
         assert rel(g, w) < 1e-5, name
 
 
 def test_scan_triton_optional_inputs(small_chunks):
-    """No D, no z, no delta bias, no softplus."""
+    """No D, no z, no delta bias, no softplus; blocks of 2 channels (fewer than the states: dB and dC
+    summed by tl.sum, not the reduce-scatter) and two segments."""
     x = scan_inputs(1, 10, 8, 4, torch.float32, DEV)
     for k in ("D", "z", "delta_bias"):
         x[k] = None
     pos = pos_from_lengths([[3, 4]], 10, "cpu").to(DEV)
     x["delta"] = x["delta"].abs()
     want = kernels.selective_scan_ref(**x, pos=pos, delta_softplus=False)
-    got, states = kernels.scan_fwd_triton(**x, pos=pos, delta_softplus=False, BD=8, num_warps=1)
+    kw = dict(delta_softplus=False, BD=2, num_warps=1, segments=2)
+    got, states = kernels.scan_fwd_triton(**x, pos=pos, **kw)
     assert rel(got, want) < 1e-5
     dout = torch.randn_like(want)
     want_g = kernels.selective_scan_bwd_ref(dout, **x, pos=pos, delta_softplus=False)
-    got_g = kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, delta_softplus=False, BD=8, num_warps=1)
+    got_g = kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, **kw)
     for name, g, w in zip(SCAN_GRADS, got_g, want_g):
         assert (g is None) == (w is None), name
         if w is not None:
             assert rel(g, w) < 1e-5, name
+
+
+def test_scan_segments(small_chunks):
+    """How rows are split: segments of whole chunks that cover the row; a full wave of programs
+    stays whole, a few programs are split; an explicit count is kept (within the chunk count)."""
+    u = torch.zeros(2, L_SMALL, 8)  # 3 chunks of 8 tokens
+    for programs in (1, 2, 6, 16, 40):
+        seg_len, n_seg = kernels._segments(u, programs, None, per_sm=16)  # CPU: one "multiprocessor"
+        assert seg_len % kernels.CHUNK == 0 and (n_seg - 1) * seg_len < L_SMALL <= n_seg * seg_len
+    assert kernels._segments(u, 16, None, per_sm=16)[1] == 1
+    assert kernels._segments(u, 1, None, per_sm=16)[1] == 3
+    assert kernels._segments(u, 1, 2, per_sm=16) == (16, 2) and kernels._segments(u, 1, 9, per_sm=16) == (8, 3)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
