@@ -88,98 +88,100 @@ def bench_conv(B=8, L=2048, D=4096, dtype=torch.bfloat16, W=4, configs=None):
     return res
 
 
-res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-# copy bandwidth
-x = torch.empty(2 << 30, dtype=torch.uint8, device=dev); y = torch.empty_like(x)
-ms = do_bench(lambda: y.copy_(x), return_mode="median")
-bw = 2 * x.numel() / (ms * 1e-3)
-res["copy_bw_TBs"] = bw / 1e12
-del x, y
-print(f"copy bandwidth {bw/1e12:.2f} TB/s", flush=True)
+def main():
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    # copy bandwidth
+    x = torch.empty(2 << 30, dtype=torch.uint8, device=dev); y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), return_mode="median")
+    bw = 2 * x.numel() / (ms * 1e-3)
+    res["copy_bw_TBs"] = bw / 1e12
+    print(f"copy bandwidth {bw/1e12:.2f} TB/s", flush=True)
 
-# correctness at 2 rows x 2048, d_inner 1536 (bf16 and fp32 inputs vs fp64 reference)
-B, L, Dm = 2, 2048, 1536
-pos = d1_pos(B, L)
-for dtype in (torch.bfloat16, torch.float32):
-    args = inputs(B, L, Dm, dtype=dtype)
-    a64 = [t.double() for t in args]
-    for p in (pos, None):
-        ref64, st64 = kernels.selective_scan_ref(*a64[:5], a64[5], a64[6], a64[7], p, True, return_states=True)
-        ref32 = kernels.selective_scan_ref(*[t.float() for t in args[:5]], args[5], args[6].float(), args[7], p, True)
-        out, st = kernels.scan_fwd_triton(*args, p, True)
+    # correctness at 2 rows x 2048, d_inner 1536 (bf16 and fp32 inputs vs fp64 reference)
+    B, L, Dm = 2, 2048, 1536
+    pos = d1_pos(B, L)
+    for dtype in (torch.bfloat16, torch.float32):
+        args = inputs(B, L, Dm, dtype=dtype)
+        a64 = [t.double() for t in args]
+        for p in (pos, None):
+            ref64, st64 = kernels.selective_scan_ref(*a64[:5], a64[5], a64[6], a64[7], p, True, return_states=True)
+            ref32 = kernels.selective_scan_ref(*[t.float() for t in args[:5]], args[5], args[6].float(), args[7], p, True)
+            out, st = kernels.scan_fwd_triton(*args, p, True)
+            dout = torch.randn_like(out)
+            g64 = kernels.selective_scan_bwd_ref(dout.double(), *a64[:5], a64[5], a64[6], a64[7], p, True)
+            g32 = kernels.selective_scan_bwd_ref(dout.float(), *[t.float() for t in args[:5]], args[5], args[6].float(), args[7], p, True)
+            gt = kernels.scan_bwd_triton(dout, *args, p, st, True)
+            names = "du ddelta dA dB dC dD dz dbias".split()
+            row = {"out": (rel(out, ref64), rel(ref32.to(dtype), ref64)), "states": (rel(st, st64), 0.0)}
+            for nm, a, b, c in zip(names, gt, g64, g32):
+                row[nm] = (rel(a, b), rel(c.to(a.dtype), b))
+            key = f"check_{str(dtype)[6:]}_{'packed' if p is not None else 'nopos'}"
+            res[key] = row
+            bad = [k for k, (e, eref) in row.items() if not (e <= max(3 * eref, 1e-5))]
+            print(key, "BAD " + str(bad) if bad else "ok", {k: f"{e:.1e}/{r:.1e}" for k, (e, r) in row.items()}, flush=True)
+
+    # timings
+    fwd_cfgs = [(32, 1), (16, 1), (64, 2), (128, 4)]
+    bwd_cfgs = [(32, 1), (16, 1), (8, 1), (32, 2)]
+    B, L = 8, 2048
+    pos = d1_pos(B, L)
+    res["timings"] = []
+    table = []
+    for Dm in (1536, 4096, 5120):
+        args = inputs(B, L, Dm)
+        out, st = kernels.scan_fwd_triton(*args, pos, True)
         dout = torch.randn_like(out)
-        g64 = kernels.selective_scan_bwd_ref(dout.double(), *a64[:5], a64[5], a64[6], a64[7], p, True)
-        g32 = kernels.selective_scan_bwd_ref(dout.float(), *[t.float() for t in args[:5]], args[5], args[6].float(), args[7], p, True)
-        gt = kernels.scan_bwd_triton(dout, *args, p, st, True)
-        names = "du ddelta dA dB dC dD dz dbias".split()
-        row = {"out": (rel(out, ref64), rel(ref32.to(dtype), ref64)), "states": (rel(st, st64), 0.0)}
-        for nm, a, b, c in zip(names, gt, g64, g32):
-            row[nm] = (rel(a, b), rel(c.to(a.dtype), b))
-        key = f"check_{str(dtype)[6:]}_{'packed' if p is not None else 'nopos'}"
-        res[key] = row
-        bad = [k for k, (e, eref) in row.items() if not (e <= max(3 * eref, 1e-5))]
-        print(key, "BAD " + str(bad) if bad else "ok", {k: f"{e:.1e}/{r:.1e}" for k, (e, r) in row.items()}, flush=True)
+        elt = B * L * Dm
+        fwd_bytes = 2 * elt * 4 + 2 * B * L * 16 * 2 + B * L * 4 + st.numel() * 4  # u, delta, z, out; B, C; pos; states
+        bwd_bytes = 2 * elt * 7 + 4 * B * L * 16 * 2 + B * L * 4 + st.numel() * 4  # u, delta, z, dout, du, ddelta, dz; B, C, dB, dC
+        best = {}
+        for kind, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
+            for (BD, W) in cfgs:
+                kw = dict(BD=BD, num_warps=W)
+                try:
+                    if kind == "fwd":
+                        fn = lambda: kernels.scan_fwd_triton(*args, pos, True, **kw)
+                    else:
+                        fn = lambda: kernels.scan_bwd_triton(dout, *args, pos, st, True, **kw)
+                    t0 = time.time(); fn(); torch.cuda.synchronize(); ct = time.time() - t0
+                    ms = do_bench(fn, return_mode="median")
+                except Exception as e:
+                    print(kind, Dm, kw, "FAILED", repr(e)[:200], flush=True); continue
+                floor = (fwd_bytes if kind == "fwd" else bwd_bytes) / bw * 1e3
+                res["timings"].append(dict(kind=kind, Dm=Dm, BD=BD, num_warps=W, ms=ms, floor_ms=floor, compile_s=ct))
+                print(f"{kind} Dm={Dm} BD={BD} w={W}: {ms:.3f} ms (floor {floor:.3f}, compile {ct:.1f}s)", flush=True)
+                if kind not in best or ms < best[kind][0]:
+                    best[kind] = (ms, kw)
+        # pos=None with the best configs, and the op end to end (fwd+bwd through autograd)
+        nopos = {}
+        for kind in ("fwd", "bwd"):
+            kw = best[kind][1]
+            if kind == "fwd":
+                out0, st0 = kernels.scan_fwd_triton(*args, None, True, **kw)
+                nopos[kind] = do_bench(lambda: kernels.scan_fwd_triton(*args, None, True, **kw), return_mode="median")
+            else:
+                nopos[kind] = do_bench(lambda: kernels.scan_bwd_triton(dout, *args, None, st0, True, **kw), return_mode="median")
+        table.append((Dm, best["fwd"], best["bwd"], nopos))
+        res.setdefault("best", []).append(dict(Dm=Dm, fwd=best["fwd"], bwd=best["bwd"], nopos=nopos))
 
-# timings
-fwd_cfgs = [(32, 1), (16, 1), (64, 2), (128, 4)]
-bwd_cfgs = [(32, 1), (16, 1), (8, 1), (32, 2)]
-B, L = 8, 2048
-pos = d1_pos(B, L)
-res["timings"] = []
-table = []
-for Dm in (1536, 4096, 5120):
-    args = inputs(B, L, Dm)
-    out, st = kernels.scan_fwd_triton(*args, pos, True)
-    dout = torch.randn_like(out)
-    elt = B * L * Dm
-    fwd_bytes = 2 * elt * 4 + 2 * B * L * 16 * 2 + B * L * 4 + st.numel() * 4  # u, delta, z, out; B, C; pos; states
-    bwd_bytes = 2 * elt * 7 + 4 * B * L * 16 * 2 + B * L * 4 + st.numel() * 4  # u, delta, z, dout, du, ddelta, dz; B, C, dB, dC
-    best = {}
-    for kind, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
-        for (BD, W) in cfgs:
-            kw = dict(BD=BD, num_warps=W)
-            try:
-                if kind == "fwd":
-                    fn = lambda: kernels.scan_fwd_triton(*args, pos, True, **kw)
-                else:
-                    fn = lambda: kernels.scan_bwd_triton(dout, *args, pos, st, True, **kw)
-                t0 = time.time(); fn(); torch.cuda.synchronize(); ct = time.time() - t0
-                ms = do_bench(fn, return_mode="median")
-            except Exception as e:
-                print(kind, Dm, kw, "FAILED", repr(e)[:200], flush=True); continue
-            floor = (fwd_bytes if kind == "fwd" else bwd_bytes) / bw * 1e3
-            res["timings"].append(dict(kind=kind, Dm=Dm, BD=BD, num_warps=W, ms=ms, floor_ms=floor, compile_s=ct))
-            print(f"{kind} Dm={Dm} BD={BD} w={W}: {ms:.3f} ms (floor {floor:.3f}, compile {ct:.1f}s)", flush=True)
-            if kind not in best or ms < best[kind][0]:
-                best[kind] = (ms, kw)
-    # pos=None with the best configs, and the op end to end (fwd+bwd through autograd)
-    nopos = {}
-    for kind in ("fwd", "bwd"):
-        kw = best[kind][1]
-        if kind == "fwd":
-            out0, st0 = kernels.scan_fwd_triton(*args, None, True, **kw)
-            nopos[kind] = do_bench(lambda: kernels.scan_fwd_triton(*args, None, True, **kw), return_mode="median")
-        else:
-            nopos[kind] = do_bench(lambda: kernels.scan_bwd_triton(dout, *args, None, st0, True, **kw), return_mode="median")
-    table.append((Dm, best["fwd"], best["bwd"], nopos))
-    res.setdefault("best", []).append(dict(Dm=Dm, fwd=best["fwd"], bwd=best["bwd"], nopos=nopos))
-    del args, out, st, dout
-    torch.cuda.empty_cache()
+    conv_rows = []
+    for Dm in () if os.environ.get("SKIP_CONV") else (1536, 4096, 5120):
+        r = bench_conv(D=Dm, configs=None if Dm == 4096 else [{}])
+        res[f"conv_{Dm}"] = r
+        for mode in ("packed", "nopos"):
+            keys = [k for k in r if k.startswith(mode) and k.endswith("fwd+bwd_ms")]
+            k = min(keys, key=lambda k: r[k])
+            conv_rows.append((Dm, mode, r[k], r["fwd+bwd_floor_ms"], k))
+    if len(sys.argv) > 1:
+        json.dump(res, open(sys.argv[1], "w"), indent=1)
+    print("\nconv  Dm  mode   fwd+bwd ms  floor  best config")
+    for row in conv_rows:
+        print(f"{row[0]:5d} {row[1]:7s} {row[2]:.3f} {row[3]:.3f}  {row[4]}")
+    print("\nDm    fwd ms (cfg)            bwd ms (cfg)             fwd+bwd  | pos=None fwd+bwd | boundary cost")
+    for Dm, f, b_, npz in table:
+        tot = f[0] + b_[0]; tn = npz["fwd"] + npz["bwd"]
+        print(f"{Dm:5d} {f[0]:.3f} {f[1]}  {b_[0]:.3f} {b_[1]}  {tot:.3f} | {tn:.3f} | {100*(tot/tn-1):+.1f}%")
 
-conv_rows = []
-for Dm in () if os.environ.get("SKIP_CONV") else (1536, 4096, 5120):
-    r = bench_conv(D=Dm, configs=None if Dm == 4096 else [{}])
-    res[f"conv_{Dm}"] = r
-    for mode in ("packed", "nopos"):
-        keys = [k for k in r if k.startswith(mode) and k.endswith("fwd+bwd_ms")]
-        k = min(keys, key=lambda k: r[k])
-        conv_rows.append((Dm, mode, r[k], r["fwd+bwd_floor_ms"], k))
-if len(sys.argv) > 1:
-    json.dump(res, open(sys.argv[1], "w"), indent=1)
-print("\nconv  Dm  mode   fwd+bwd ms  floor  best config")
-for row in conv_rows:
-    print(f"{row[0]:5d} {row[1]:7s} {row[2]:.3f} {row[3]:.3f}  {row[4]}")
-print("\nDm    fwd ms (cfg)            bwd ms (cfg)             fwd+bwd  | pos=None fwd+bwd | boundary cost")
-for Dm, f, b_, npz in table:
-    tot = f[0] + b_[0]; tn = npz["fwd"] + npz["bwd"]
-    print(f"{Dm:5d} {f[0]:.3f} {f[1]}  {b_[0]:.3f} {b_[1]}  {tot:.3f} | {tn:.3f} | {100*(tot/tn-1):+.1f}%")
+
+if __name__ == "__main__":
+    main()
