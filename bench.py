@@ -199,16 +199,16 @@ def bench_model(args, device, docs, vocab_size, eot, source):
     cfg = MambaConfig.from_preset(args.preset, vocab_size=vocab_size)
     model = MambaLM(cfg).to(device)
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=LR, betas=(0.9, 0.95), fused=device == "cuda")
-    compile_on = args.compile in ("on", "blocks") or (args.compile == "auto" and device == "cuda")
-    run = torch.compile(model) if compile_on and args.compile != "blocks" else model  # as train.py compiles it
-    if args.compile == "blocks":  # each Block compiled on its own: one graph serves all layers, far quicker
+    compile_mode = {"auto": "on" if device == "cuda" else "off"}.get(args.compile, args.compile)
+    run = torch.compile(model) if compile_mode == "on" else model  # as train.py compiles it
+    if compile_mode == "blocks":  # each Block compiled on its own: one graph serves all layers, far quicker
         for layer in model.layers:
             layer.compile()
     gpu = torch.cuda.get_device_name() if device == "cuda" else ""
     peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in gpu), None)
     print(f"model {args.preset}: {model.num_params() / 1e6:.1f}M parameters, {model.flops_per_token() / 1e9:.2f} "
           f"GFLOP/token; {len(docs)} documents, {sum(len(d) for d in docs):,} tokens ({source}); "
-          f"compile {args.compile if compile_on else 'off'}", flush=True)
+          f"compile {compile_mode}", flush=True)
     results = {}
     for mode in [m for m in MODES if m in args.modes]:
         steps, slots = make_batches(mode, docs, eot, vocab_size, args, device)
@@ -240,7 +240,7 @@ def bench_model(args, device, docs, vocab_size, eot, source):
             if base in results:
                 r[f"speedup_vs_{base}"] = r["tokens_per_s"] / results[base]["tokens_per_s"]
     return {"preset": args.preset, "params": model.num_params(), "flops_per_token": model.flops_per_token(),
-            "compile": args.compile if compile_on else "off", "peak_bf16_flops": peak, "modes": results}
+            "compile": compile_mode, "peak_bf16_flops": peak, "modes": results}
 
 
 def print_model_table(res):

@@ -877,7 +877,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N
     scr = scr_ptr + (bs * n_dblk + pid_d) * (CHUNK // GROUP) * N * BD + n[:, None] * BD + tl.arange(0, BD)[None, :]
     st_p = st_ptr + b * n_chunks * N * Dm + n[:, None] * Dm + d[None, :]
-    seg_p = (b * n_seg + s) * N * Dm + n[:, None] * Dm + d[None, :]
+    seg_p = bs * N * Dm + n[:, None] * Dm + d[None, :]
     # a_{t+1} g_{t+1}: the adjoint flowing back into token t; at first, what the later segments send
     gc = tl.load(cin_ptr + seg_p, mask=tl.where(n_seg > 1, dm, False)[None, :], other=0.0)
     dA_acc = tl.zeros((N, BD), tl.float32)
@@ -996,19 +996,19 @@ def _segments(u, programs, segments, per_sm):
     H200 at 8 x 2048 tokens this picks forward 11 / 1 / 1 and backward 8 / 1 / 4 segments at d_inner
     1536 / 4096 / 5120, within 5% of the best of a sweep (notes/perf.md)."""
     n_chunks = _n_chunks(u.shape[1])
-    if segments is not None:
-        seg_chunks = triton.cdiv(n_chunks, min(segments, n_chunks))
-        return seg_chunks * CHUNK, triton.cdiv(n_chunks, seg_chunks)
     sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
     slots = per_sm * sms
-    if 0.4 * slots <= programs <= slots:
-        return n_chunks * CHUNK, 1
 
     def cost(seg_chunks):
         n_seg = triton.cdiv(n_chunks, seg_chunks)
         return triton.cdiv(programs * n_seg, slots) * seg_chunks / n_chunks + 0.15 * (n_seg > 1) + 0.005 * n_seg
 
-    seg_chunks = min(range(n_chunks, 0, -1), key=cost)
+    if segments is not None:
+        seg_chunks = triton.cdiv(n_chunks, min(segments, n_chunks))
+    elif 0.4 * slots <= programs <= slots:
+        seg_chunks = n_chunks
+    else:
+        seg_chunks = min(range(n_chunks, 0, -1), key=cost)
     return seg_chunks * CHUNK, triton.cdiv(n_chunks, seg_chunks)
 
 
@@ -1022,10 +1022,9 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, softp
     N = A.shape[0]
     loc = torch.empty(Bb, n_seg, N, Dm, device=u.device, dtype=torch.float32)
     P = torch.empty_like(loc)
-    D_, z, bias, pos = tensors[5:]
     flags = {k: v for k, v in flags.items() if k != "HAS_D"}
-    _scan_carry_kernel[(triton.cdiv(Dm, BD), n_seg - 1, Bb)](
-        *tensors[:5], z, bias, pos, dout, loc, P, L, Dm, seg_len, n_seg, *strides, N=N, BD=BD,
+    _scan_carry_kernel[(triton.cdiv(Dm, BD), n_seg - 1, Bb)](  # all of _scan_args' tensors but D
+        *tensors[:5], *tensors[6:], dout, loc, P, L, Dm, seg_len, n_seg, *strides, N=N, BD=BD,
         REVERSE=reverse, SOFTPLUS=softplus, num_warps=num_warps, **flags)
     SEGS = triton.next_power_of_2(n_seg)
     _scan_combine_kernel[(triton.cdiv(N * Dm, 2048 // SEGS), Bb)](loc, P, n_seg, N * Dm, SEGS=SEGS,
