@@ -523,6 +523,11 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # is a few loads, one softplus per channel and one exp2 per state. Loads run
 # GROUP tokens ahead of their use: the loop is unrolled by GROUP, and each
 # token's inputs are re-loaded for token + GROUP as soon as they are consumed.
+# B and C are the same for every channel. Either every lane loads all of them
+# (2N values per token, held GROUP tokens ahead: 64 registers at N = 16), or
+# (BC_LANES) lane j loads one value, B[j] or C[j - N], and each is broadcast by a
+# shuffle where used (2N shuffles per token, 4 registers): the backward, whose
+# state needs every register, takes the second (notes/perf.md).
 #
 # Segments: the recurrence is linear, so the state entering a segment is the
 # sum over the segments before it of their state started from zero, each
@@ -562,14 +567,23 @@ def _softplus(x):
 
 @triton.jit
 def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl, s_cl, s_zl, s_pl,
-                HAS_Z: tl.constexpr, HAS_POS: tl.constexpr):
-    """Inputs of token t: u, delta, z (BD,), B, C (N,), pos and t < L (scalars); zeros past the row's end."""
+                HAS_Z: tl.constexpr, HAS_POS: tl.constexpr, BC_LANES: tl.constexpr):
+    """Inputs of token t: u, delta, z (BD,), B, C (N,) (with BC_LANES both in one (BD,): lane j holds
+    B[j] for j < N and C[j - N] for N <= j < 2N), pos and t < L (scalars); zeros past the row's end.
+    B and C are read through _col."""
     ok = t < L
     m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
     u = tl.load(u_p + t * s_ul, mask=m, other=0.0)
     dl = tl.load(dl_p + t * s_dl, mask=m, other=0.0)
-    Bt = tl.load(B_p + t * s_bl, mask=tl.where(ok, nm, False), other=0.0)
-    Ct = tl.load(C_p + t * s_cl, mask=tl.where(ok, nm, False), other=0.0)
+    N: tl.constexpr = nm.shape[0]
+    if BC_LANES:
+        j = tl.arange(0, dm.shape[0])
+        bc_p = tl.where(j < N, B_p + t * s_bl + j, C_p + t * s_cl + (j - N))
+        Bt = tl.load(bc_p, mask=tl.where(ok, j < 2 * N, False), other=0.0)
+        Ct = Bt
+    else:
+        Bt = tl.load(B_p + t * s_bl + tl.arange(0, N), mask=tl.where(ok, nm, False), other=0.0)
+        Ct = tl.load(C_p + t * s_cl + tl.arange(0, N), mask=tl.where(ok, nm, False), other=0.0)
     zz = tl.load(z_p + t * s_zl, mask=m, other=0.0) if HAS_Z else u
     p = tl.load(pos_p + t * s_pl, mask=ok, other=1) if HAS_POS else 1
     return u, dl, Bt, Ct, zz, p, ok
@@ -579,6 +593,19 @@ def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl,
 def _load_dout(dout_p, t, L, Dm, dm):
     """dL/dout of token t (BD,) in fp32; zeros past the row's end."""
     return tl.load(dout_p + t * Dm, mask=tl.where(t < L, dm, False), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _col(x, off: tl.constexpr, N: tl.constexpr, BC_LANES: tl.constexpr):
+    """B or C of a token from _load_token as an fp32 column that broadcasts against (N, BD): with
+    BC_LANES, the (N, BD) tile whose row n is x[off + n] in every column, one shuffle per row
+    (off = 0 for B, N for C); else x (N,) as (N, 1)."""
+    if BC_LANES:
+        src = tl.broadcast_to(x.to(tl.float32)[None, :], (N, x.shape[0]))
+        col = tl.gather(src, tl.broadcast_to((tl.arange(0, N) + off)[:, None], (N, x.shape[0])), axis=1)
+    else:
+        col = x.to(tl.float32)[:, None]
+    return col
 
 
 @triton.jit
@@ -595,10 +622,11 @@ def _decay(dl, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 BC_LANES: tl.constexpr):
     """_decay, plus the token's input x = dt u B (N, BD; 0 past the row's end)."""
     dt, pre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
-    x = (dt * u.to(tl.float32))[None, :] * Bt.to(tl.float32)[:, None]
+    x = (dt * u.to(tl.float32))[None, :] * _col(Bt, 0, A2.shape[0], BC_LANES)
     return dt, pre, a, x
 
 
@@ -613,13 +641,13 @@ def _gate(x, zz, HAS_Z: tl.constexpr):
 
 @triton.jit
 def _carry_token(c, sdt, cut, u, dl, Bt, Ct, zz, dout, p, ok, bias, A2, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
     """One token of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag."""
     if REVERSE:
         dt, pre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
-        c = a * (c + Ct.to(tl.float32)[:, None] * _gate(dout, zz, HAS_Z)[None, :])
+        c = a * (c + _col(Ct, A2.shape[0], A2.shape[0], BC_LANES) * _gate(dout, zz, HAS_Z)[None, :])
     else:
-        dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+        dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
         c = a * c + x
     return c, sdt + dt, tl.where(p == 0, 1, cut)
 
@@ -628,7 +656,7 @@ def _carry_token(c, sdt, cut, u, dl, Bt, Ct, zz, dout, p, ok, bias, A2, REVERSE:
 def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos_ptr, dout_ptr, loc_ptr, P_ptr,
                        L, Dm, seg_len, n_seg, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                        N: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
     """Segment-local carries, each started from zero. Forward: the state leaving the segment,
     h = a_t h + dt_t u_t B_t, for segments 0 .. n_seg-2. Backward (REVERSE): the adjoint leaving its
     first token, g = a_t (g + C_t dy_t) walking back, for segments 1 .. n_seg-1. With P = prod a_t
@@ -641,7 +669,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     nm = n < N
     A2 = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
     bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
-    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_ptr + b * s_bb + n, C_ptr + b * s_cb + n,
+    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_ptr + b * s_bb, C_ptr + b * s_cb,
             z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     dout_p = dout_ptr + b * L * Dm + d
@@ -651,10 +679,10 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     step: tl.constexpr = -1 if REVERSE else 1
     t = (s + 1) * seg_len - 1 if REVERSE else s * seg_len  # the segment's first token in walking order
     # unrolled by GROUP, each token's inputs re-loaded GROUP tokens ahead as soon as used (as in the forward)
-    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + step, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
+    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
+    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
+    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
     g0 = _load_dout(dout_p, t, L, Dm, dm) if REVERSE else 0.0
     g1 = _load_dout(dout_p, t + step, L, Dm, dm) if REVERSE else 0.0
     g2 = _load_dout(dout_p, t + 2 * step, L, Dm, dm) if REVERSE else 0.0
@@ -662,20 +690,20 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     for k in range(0, seg_len, GROUP):
         t = ((s + 1) * seg_len - 1 - k) if REVERSE else (s * seg_len + k)
         c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, C0, z0, g0, p0, ok0, bias, A2,
-                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
-        u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+        u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g0 = _load_dout(dout_p, t + 4 * step, L, Dm, dm) if REVERSE else 0.0
         c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, C1, z1, g1, p1, ok1, bias, A2,
-                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
-        u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+        u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g1 = _load_dout(dout_p, t + 5 * step, L, Dm, dm) if REVERSE else 0.0
         c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, C2, z2, g2, p2, ok2, bias, A2,
-                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
-        u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+        u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g2 = _load_dout(dout_p, t + 6 * step, L, Dm, dm) if REVERSE else 0.0
         c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, C3, z3, g3, p3, ok3, bias, A2,
-                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS)
-        u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7 * step, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                                   REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+        u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g3 = _load_dout(dout_p, t + 7 * step, L, Dm, dm) if REVERSE else 0.0
     P = tl.where(cut != 0, 0.0, tl.exp2(sdt[None, :] * A2))
     out = (b * n_seg + s) * N * Dm + n[:, None] * Dm + d[None, :]
@@ -708,10 +736,10 @@ def _scan_combine_kernel(loc_ptr, P_ptr, n_seg, M, SEGS: tl.constexpr, BLOCK: tl
 
 @triton.jit
 def _fwd_token(h, t, u, dl, Bt, Ct, zz, p, ok, A2, bias, Dv, out_p, Dm, dm, HAS_D: tl.constexpr,
-               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
+    dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
     h = a * h + x  # (N, BD)
-    y = tl.sum(h * Ct.to(tl.float32)[:, None], 0)  # (BD,)
+    y = tl.sum(h * _col(Ct, A2.shape[0], A2.shape[0], BC_LANES), 0)  # (BD,)
     uf = u.to(tl.float32)
     if HAS_D:
         y += uf * Dv
@@ -726,7 +754,7 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                      s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                      N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
     b = tl.program_id(2).to(tl.int64)
     s = tl.program_id(1)  # segment: chunks [c0, c1)
     c0 = s * (seg_len // CHUNK)
@@ -739,7 +767,7 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
-    B_p, C_p, pos_p = B_ptr + b * s_bb + n, C_ptr + b * s_cb + n, pos_ptr + b * s_pb
+    B_p, C_p, pos_p = B_ptr + b * s_bb, C_ptr + b * s_cb, pos_ptr + b * s_pb
     out_p = out_ptr + b * L * Dm + d
     st_p = st_ptr + b * n_chunks * N * Dm + n[:, None] * Dm + d[None, :]
     args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
@@ -747,27 +775,27 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     seg_p = (b * n_seg + s) * N * Dm + n[:, None] * Dm + d[None, :]
     h = tl.load(cin_ptr + seg_p, mask=tl.where(n_seg > 1, dm, False)[None, :], other=0.0)  # the state entering
     t0 = c0 * CHUNK
-    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t0, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t0 + 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t0 + 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
-    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t0 + 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
+    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t0, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
+    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t0 + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
+    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t0 + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
+    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t0 + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
     for c in range(c0, c1):
         # unrolled by GROUP = 4 with no branch inside, so the compiler can interleave the tokens;
         # each token's inputs are re-loaded GROUP tokens ahead as soon as they are consumed
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
             h = _fwd_token(h, t, u0, dl0, B0, C0, z0, p0, ok0, A2, bias, Dv, out_p, Dm, dm,
-                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
-            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             h = _fwd_token(h, t + 1, u1, dl1, B1, C1, z1, p1, ok1, A2, bias, Dv, out_p, Dm, dm,
-                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
-            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             h = _fwd_token(h, t + 2, u2, dl2, B2, C2, z2, p2, ok2, A2, bias, Dv, out_p, Dm, dm,
-                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
-            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             h = _fwd_token(h, t + 3, u3, dl3, B3, C3, z3, p3, ok3, A2, bias, Dv, out_p, Dm, dm,
-                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS)
-            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         tl.store(st_p + c * N * Dm, h, mask=dm[None, :])  # tokens past L were identities: h is h_{L-1}
 
 
@@ -809,7 +837,7 @@ def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr
 def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias, Dv,
                dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr,
-               LOG2_BD: tl.constexpr):
+               LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward, dout its (BD,) output gradient. gc = a_{t+1} g_{t+1} (N, BD) comes in;
     a_t g_t goes out."""
     ok = t < L
@@ -818,19 +846,19 @@ def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, 
     if HAS_BIAS:
         pre += bias
     dt = _softplus(pre) if SOFTPLUS else pre
-    uf, Bf, Cf = u.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32)
+    uf, Bf, Cf = u.to(tl.float32), _col(Bt, 0, N, BC_LANES), _col(Ct, N, N, BC_LANES)  # (N, 1) or (N, BD)
     dy = _gate(dout, zz, HAS_Z)
     if HAS_Z:
-        y = tl.sum(h * Cf[:, None], 0)
+        y = tl.sum(h * Cf, 0)
         if HAS_D:
             y += uf * Dv
         zf = zz.to(tl.float32)
         sz = tl.sigmoid(zf)
         tl.store(dz_p + t * Dm, (dout * y * sz * (1 + zf * (1 - sz))).to(dz_p.dtype.element_ty), mask=m)
-    g = gc + Cf[:, None] * dy[None, :]  # (N, BD): dL/dh_t
+    g = gc + Cf * dy[None, :]  # (N, BD): dL/dh_t
     X = g * a * h_prev  # dL/dlog(a_t) per state
     dA_acc += X * dt[None, :]
-    gB = tl.sum(g * Bf[:, None], 0)  # (BD,)
+    gB = tl.sum(g * Bf, 0)  # (BD,)
     ddt = tl.sum(X * A2, 0) * LN2 + gB * uf  # sum X A
     du = gB * dt
     if HAS_D:
@@ -852,7 +880,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                      s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                      N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     pid_d = tl.program_id(0)
     n_dblk = tl.num_programs(0)
     s = tl.program_id(1)  # segment: chunks [c0, c1)
@@ -868,7 +896,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
-    B_p, C_p, pos_p = B_ptr + b * s_bb + n, C_ptr + b * s_cb + n, pos_ptr + b * s_pb
+    B_p, C_p, pos_p = B_ptr + b * s_bb, C_ptr + b * s_cb, pos_ptr + b * s_pb
     args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     row = b * L * Dm + d
@@ -888,31 +916,31 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
         h = tl.where(c > 0, tl.load(st_p + tl.maximum(c - 1, 0) * N * Dm, mask=dm[None, :], other=0.0), 0.0)
         # forward through the chunk, stashing the state entering each group; loads GROUP tokens ahead
         t = c * CHUNK
-        u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, False, HAS_POS)
-        u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, False, HAS_POS)
-        u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, False, HAS_POS)
-        u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, False, HAS_POS)
+        u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
+        u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
+        u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
+        u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
             tl.store(scr + (k // GROUP) * N * BD, h)
-            dt, pre, a, x = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS)
+            dt, pre, a, x = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
-            u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, HAS_POS)
-            dt, pre, a, x = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS)
+            u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
+            dt, pre, a, x = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
-            u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, HAS_POS)
-            dt, pre, a, x = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS)
+            u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
+            dt, pre, a, x = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
-            u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, HAS_POS)
-            dt, pre, a, x = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS)
+            u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
+            dt, pre, a, x = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
-            u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, HAS_POS)
+            u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
         # back through the groups, each token's inputs re-loaded for the group before as soon as used
         t = c * CHUNK + CHUNK - GROUP
-        u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS)
-        u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
-        u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
-        u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
+        u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
+        u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
+        u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
+        u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g0, g1 = _load_dout(dout_p, t, L, Dm, dm), _load_dout(dout_p, t + 1, L, Dm, dm)
         g2, g3 = _load_dout(dout_p, t + 2, L, Dm, dm), _load_dout(dout_p, t + 3, L, Dm, dm)
         for kk in range(0, CHUNK, GROUP):
@@ -920,37 +948,37 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
             t = c * CHUNK + k
             tp = tl.maximum(t - GROUP, 0)  # the group before (a harmless re-load at the chunk's start)
             h0 = tl.load(scr + (k // GROUP) * N * BD)
-            dt, pre, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS)
+            dt, pre, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
             h1 = a0 * h0 + x0
-            dt, pre, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS)
+            dt, pre, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
             h2 = a1 * h1 + x1
-            dt, pre, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS)
+            dt, pre, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
             h3 = a2 * h2 + x2
-            dt, pre, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS)
+            dt, pre, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
             h4 = a3 * h3 + x3
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
                 gc, h3, h4, a3, t + 3, u3, dl3, B3, C3, z3, g3, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
                 Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                LOG2_N, LOG2_BD)
-            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp + 3, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                LOG2_N, LOG2_BD, BC_LANES)
+            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g3 = _load_dout(dout_p, tp + 3, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
                 gc, h2, h3, a2, t + 2, u2, dl2, B2, C2, z2, g2, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
                 Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                LOG2_N, LOG2_BD)
-            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp + 2, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                LOG2_N, LOG2_BD, BC_LANES)
+            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g2 = _load_dout(dout_p, tp + 2, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
                 gc, h1, h2, a1, t + 1, u1, dl1, B1, C1, z1, g1, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
                 Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                LOG2_N, LOG2_BD)
-            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp + 1, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                LOG2_N, LOG2_BD, BC_LANES)
+            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g1 = _load_dout(dout_p, tp + 1, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
                 gc, h0, h1, a0, t, u0, dl0, B0, C0, z0, g0, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
                 Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                LOG2_N, LOG2_BD)
-            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS)
+                LOG2_N, LOG2_BD, BC_LANES)
+            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g0 = _load_dout(dout_p, tp, L, Dm, dm)
     tl.store(dA_ptr + (bs * N + n[:, None]) * Dm + d[None, :], dA_acc, mask=dm[None, :])
     if HAS_D:
@@ -959,9 +987,12 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
         tl.store(dbias_ptr + bs * Dm + d, dbias_acc, mask=dm)
 
 
-# (BD channels per program, num_warps): the best of a sweep on an H200 (notes/perf.md)
-SCAN_FWD_CONFIG = dict(BD=32, num_warps=1)
-SCAN_BWD_CONFIG = dict(BD=32, num_warps=1)
+# BD channels per program, num_warps, and whether B and C travel one element per lane (BC_LANES,
+# used where 2N <= BD): the best of a sweep on an H200 (notes/perf.md). BC_LANES saves the backward
+# ~60 registers of prefetched B and C and 15-20% of its time; the forward, which has registers to
+# spare, runs 5-15% faster with every lane loading all of B and C.
+SCAN_FWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=False)
+SCAN_BWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=True)
 # How many programs of each kernel fit on a multiprocessor at once (registers: ~120 forward, 255 backward).
 # With the GPU well filled, rows stay whole; else they are split into segments (notes/perf.md).
 SCAN_FWD_PROGRAMS_PER_SM = 16
@@ -1012,7 +1043,7 @@ def _segments(u, programs, segments, per_sm):
     return seg_chunks * CHUNK, triton.cdiv(n_chunks, seg_chunks)
 
 
-def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, softplus, reverse):
+def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, softplus, reverse):
     """The carry entering each segment (B, n_seg, N, Dm) fp32: the state for the forward (reverse=False),
     the adjoint a_{t+1} g_{t+1} for the backward. Nothing to compute for one segment."""
     u, A = tensors[0], tensors[2]
@@ -1025,7 +1056,7 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, softp
     flags = {k: v for k, v in flags.items() if k != "HAS_D"}
     _scan_carry_kernel[(triton.cdiv(Dm, BD), n_seg - 1, Bb)](  # all of _scan_args' tensors but D
         *tensors[:5], *tensors[6:], dout, loc, P, L, Dm, seg_len, n_seg, *strides, N=N, BD=BD,
-        REVERSE=reverse, SOFTPLUS=softplus, num_warps=num_warps, **flags)
+        REVERSE=reverse, SOFTPLUS=softplus, BC_LANES=bc_lanes, num_warps=num_warps, **flags)
     SEGS = triton.next_power_of_2(n_seg)
     _scan_combine_kernel[(triton.cdiv(N * Dm, 2048 // SEGS), Bb)](loc, P, n_seg, N * Dm, SEGS=SEGS,
                                                                    BLOCK=2048 // SEGS, REVERSE=reverse)
@@ -1033,29 +1064,33 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, softp
 
 
 def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD=None, num_warps=None,
-                    segments=None):
+                    bc_lanes=None, segments=None):
     """Launches the forward; returns out (B, L, Dm) in u.dtype and the chunk-end states (B, n_chunks, N, Dm)."""
     BD, num_warps = BD or SCAN_FWD_CONFIG["BD"], num_warps or SCAN_FWD_CONFIG["num_warps"]
     Bb, L, Dm = u.shape
     N = A.shape[1]
+    bc_lanes = SCAN_FWD_CONFIG["bc_lanes"] if bc_lanes is None else bc_lanes
+    bc_lanes = bc_lanes and 2 * N <= BD
     n_chunks = _n_chunks(L)
     seg_len, n_seg = _segments(u, triton.cdiv(Dm, BD) * Bb, segments, SCAN_FWD_PROGRAMS_PER_SM)
     out = torch.empty(Bb, L, Dm, device=u.device, dtype=u.dtype)
     states = torch.empty(Bb, n_chunks, N, Dm, device=u.device, dtype=torch.float32)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
-    cin = _carries(tensors, strides, flags, out, seg_len, n_seg, BD, num_warps, delta_softplus, False)
+    cin = _carries(tensors, strides, flags, out, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, False)
     _scan_fwd_kernel[(triton.cdiv(Dm, BD), n_seg, Bb)](
         *tensors, out, states, cin, L, Dm, n_chunks, seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK,
-        SOFTPLUS=delta_softplus, num_warps=num_warps, **flags)
+        SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps, **flags)
     return out, states
 
 
 def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delta_softplus, BD=None,
-                    num_warps=None, segments=None):
+                    num_warps=None, bc_lanes=None, segments=None):
     """Launches the backward; returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)."""
     BD, num_warps = BD or SCAN_BWD_CONFIG["BD"], num_warps or SCAN_BWD_CONFIG["num_warps"]
     Bb, L, Dm = u.shape
     N = A.shape[1]
+    bc_lanes = SCAN_BWD_CONFIG["bc_lanes"] if bc_lanes is None else bc_lanes
+    bc_lanes = bc_lanes and 2 * N <= BD
     n_dblk = triton.cdiv(Dm, BD)
     seg_len, n_seg = _segments(u, n_dblk * Bb, segments, SCAN_BWD_PROGRAMS_PER_SM)
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -1070,11 +1105,11 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     dbias = torch.empty(Bb * n_seg, Dm, **f32)
     scratch = torch.empty(Bb * n_seg, n_dblk, CHUNK // GROUP, N, BD, **f32)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
-    cin = _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, delta_softplus, True)
+    cin = _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, True)
     _scan_bwd_kernel[(n_dblk, n_seg, Bb)](
         *tensors, states, dout, cin, scratch, du, ddelta, dz, dA, dB, dC, dD, dbias, L, Dm, states.shape[1],
-        seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, num_warps=num_warps,
-        LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
+        seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes,
+        num_warps=num_warps, LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
     return [du, ddelta, dA.sum(0).t().contiguous().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None]

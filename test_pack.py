@@ -555,16 +555,18 @@ def test_scan_ref_packed_equals_each_document_alone(layout):
     assert rel(kernels.selective_scan_ref(**x, pos=None), alone_out) > 1e-3
 
 
+@pytest.mark.parametrize("bc_lanes", [False, True])
 @pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("layout", list(SCAN_LAYOUTS) + [None])
-def test_scan_triton_matches_ref(layout, segments, small_chunks):
+def test_scan_triton_matches_ref(layout, segments, bc_lanes, small_chunks):
     """The Triton scan (interpreted on CPU) against the reference: output, chunk states and
     every gradient, fresh random inputs, fp32, two channel blocks (one partial); rows whole or
-    split into segments (carries chained across them)."""
+    split into segments (carries chained across them); B and C loaded by every lane or one
+    element per lane."""
     x = scan_inputs(2, L_SMALL, 12, 4, torch.float32, DEV)
     pos = None if layout is None else pos_from_lengths(SCAN_LAYOUTS[layout], L_SMALL, "cpu").to(DEV)
     want, want_states = kernels.selective_scan_ref(**x, pos=pos, return_states=True)
-    kw = dict(delta_softplus=True, BD=8, num_warps=1, segments=segments)
+    kw = dict(delta_softplus=True, BD=8, num_warps=1, bc_lanes=bc_lanes, segments=segments)
     got, states = kernels.scan_fwd_triton(**x, pos=pos, **kw)
     assert rel(got, want) < 1e-5 and rel(states, want_states) < 1e-5
     dout = torch.randn_like(want)
