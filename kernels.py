@@ -596,13 +596,16 @@ def _load_dout(dout_p, t, L, Dm, dm):
 
 
 @triton.jit
-def _col(x, off: tl.constexpr, N: tl.constexpr, BC_LANES: tl.constexpr):
-    """B or C of a token from _load_token as an fp32 column that broadcasts against (N, BD): with
-    BC_LANES, the (N, BD) tile whose row n is x[off + n] in every column, one shuffle per row
-    (off = 0 for B, N for C); else x (N,) as (N, 1)."""
+def _col(x, IS_C: tl.constexpr, sn, BC_LANES: tl.constexpr):
+    """B (IS_C false) or C of a token from _load_token as an fp32 column that broadcasts against the
+    state (N, BD). With BC_LANES, the (N, BD) tile whose element (r, j) is B or C of state sn[r, j]
+    (sn: the state each element of the tile holds, (N, 1) or (N, BD)), one shuffle per row; else
+    x (N,) as (N, 1)."""
     if BC_LANES:
-        src = tl.broadcast_to(x.to(tl.float32)[None, :], (N, x.shape[0]))
-        col = tl.gather(src, tl.broadcast_to((tl.arange(0, N) + off)[:, None], (N, x.shape[0])), axis=1)
+        N: tl.constexpr = sn.shape[0]
+        shape: tl.constexpr = (N, x.shape[0])
+        src = tl.broadcast_to(x.to(tl.float32)[None, :], shape)
+        col = tl.gather(src, tl.broadcast_to(sn + (N if IS_C else 0), shape), axis=1)
     else:
         col = x.to(tl.float32)[:, None]
     return col
@@ -623,11 +626,11 @@ def _decay(dl, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+def _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                  BC_LANES: tl.constexpr):
     """_decay, plus the token's input x = dt u B (N, BD; 0 past the row's end)."""
     dt, pre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
-    x = (dt * u.to(tl.float32))[None, :] * _col(Bt, 0, A2.shape[0], BC_LANES)
+    x = (dt * u.to(tl.float32))[None, :] * _col(Bt, False, sn, BC_LANES)
     return dt, pre, a, x
 
 
@@ -641,14 +644,14 @@ def _gate(x, zz, HAS_Z: tl.constexpr):
 
 
 @triton.jit
-def _carry_token(c, sdt, cut, u, dl, Bt, Ct, zz, dout, p, ok, bias, A2, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
+def _carry_token(c, sdt, cut, u, dl, Bt, Ct, zz, dout, p, ok, bias, A2, sn, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
     """One token of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag."""
     if REVERSE:
         dt, pre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
-        c = a * (c + _col(Ct, A2.shape[0], A2.shape[0], BC_LANES) * _gate(dout, zz, HAS_Z)[None, :])
+        c = a * (c + _col(Ct, True, sn, BC_LANES) * _gate(dout, zz, HAS_Z)[None, :])
     else:
-        dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+        dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
         c = a * c + x
     return c, sdt + dt, tl.where(p == 0, 1, cut)
 
@@ -690,19 +693,19 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     g3 = _load_dout(dout_p, t + 3 * step, L, Dm, dm) if REVERSE else 0.0
     for k in range(0, seg_len, GROUP):
         t = ((s + 1) * seg_len - 1 - k) if REVERSE else (s * seg_len + k)
-        c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, C0, z0, g0, p0, ok0, bias, A2,
+        c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, C0, z0, g0, p0, ok0, bias, A2, n[:, None],
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g0 = _load_dout(dout_p, t + 4 * step, L, Dm, dm) if REVERSE else 0.0
-        c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, C1, z1, g1, p1, ok1, bias, A2,
+        c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, C1, z1, g1, p1, ok1, bias, A2, n[:, None],
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g1 = _load_dout(dout_p, t + 5 * step, L, Dm, dm) if REVERSE else 0.0
-        c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, C2, z2, g2, p2, ok2, bias, A2,
+        c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, C2, z2, g2, p2, ok2, bias, A2, n[:, None],
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g2 = _load_dout(dout_p, t + 6 * step, L, Dm, dm) if REVERSE else 0.0
-        c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, C3, z3, g3, p3, ok3, bias, A2,
+        c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, C3, z3, g3, p3, ok3, bias, A2, n[:, None],
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g3 = _load_dout(dout_p, t + 7 * step, L, Dm, dm) if REVERSE else 0.0
@@ -736,11 +739,11 @@ def _scan_combine_kernel(loc_ptr, P_ptr, n_seg, M, SEGS: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
-def _fwd_token(h, t, u, dl, Bt, Ct, zz, p, ok, A2, bias, Dv, out_p, Dm, dm, HAS_D: tl.constexpr,
+def _fwd_token(h, t, u, dl, Bt, Ct, zz, p, ok, A2, sn, bias, Dv, out_p, Dm, dm, HAS_D: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
-    dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+    dt, pre, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
     h = a * h + x  # (N, BD)
-    y = tl.sum(h * _col(Ct, A2.shape[0], A2.shape[0], BC_LANES), 0)  # (BD,)
+    y = tl.sum(h * _col(Ct, True, sn, BC_LANES), 0)  # (BD,)
     uf = u.to(tl.float32)
     if HAS_D:
         y += uf * Dv
@@ -785,16 +788,16 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
         # each token's inputs are re-loaded GROUP tokens ahead as soon as they are consumed
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
-            h = _fwd_token(h, t, u0, dl0, B0, C0, z0, p0, ok0, A2, bias, Dv, out_p, Dm, dm,
+            h = _fwd_token(h, t, u0, dl0, B0, C0, z0, p0, ok0, A2, n[:, None], bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
-            h = _fwd_token(h, t + 1, u1, dl1, B1, C1, z1, p1, ok1, A2, bias, Dv, out_p, Dm, dm,
+            h = _fwd_token(h, t + 1, u1, dl1, B1, C1, z1, p1, ok1, A2, n[:, None], bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
-            h = _fwd_token(h, t + 2, u2, dl2, B2, C2, z2, p2, ok2, A2, bias, Dv, out_p, Dm, dm,
+            h = _fwd_token(h, t + 2, u2, dl2, B2, C2, z2, p2, ok2, A2, n[:, None], bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
-            h = _fwd_token(h, t + 3, u3, dl3, B3, C3, z3, p3, ok3, A2, bias, Dv, out_p, Dm, dm,
+            h = _fwd_token(h, t + 3, u3, dl3, B3, C3, z3, p3, ok3, A2, n[:, None], bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         tl.store(st_p + c * N * Dm, h, mask=dm[None, :])  # tokens past L were identities: h is h_{L-1}
@@ -808,24 +811,20 @@ def _lane_xor(x, m):
 
 
 @triton.jit
-def _fold(x, col, m):
-    """One step of a reduce-scatter over columns: x (K, BD) -> (K/2, BD). Columns with bit m set keep the
-    upper half of the rows, the others the lower half, and each adds the same half from column d ^ m."""
-    lo, hi = tl.split(tl.permute(tl.reshape(x, (2, x.shape[0] // 2, x.shape[1])), (1, 2, 0)))
-    up = (col & m) != 0
-    return tl.where(up, hi, lo) + _lane_xor(tl.where(up, lo, hi), m)
-
-
-@triton.jit
-def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr):
-    """Stores x (N, BD) summed over its BD channels at p[0:N] if token ok. tl.sum would reduce each
-    of the N rows across the lanes on its own (log2(BD) shuffles each); with N <= BD (powers of 2)
-    a reduce-scatter halves the rows at each shuffle instead: N = 16, BD = 32 take 16 shuffles, not 80."""
-    if LOG2_N <= LOG2_BD:
+def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, PERMUTED: tl.constexpr):
+    """Stores the state-shaped x (N, BD) summed over its BD channels at p[0:N] if token ok. tl.sum
+    would reduce each of the N rows across the lanes on its own (log2(BD) shuffles each). With the
+    rows PERMUTED (row r of column j holds state r ^ (j >> (LOG2_BD - LOG2_N)), N < BD, powers of 2)
+    a reduce-scatter halves the rows at each shuffle instead (N = 16, BD = 32: 16 shuffles, not 80):
+    at step i every column keeps the lower half of its rows, which holds the states whose bit
+    LOG2_N-1-i equals its own bit LOG2_BD-1-i, and adds the upper half of column j ^ (that bit),
+    which holds the same states."""
+    if PERMUTED:
         col = tl.arange(0, x.shape[1])[None, :]  # (1, BD)
         s = x
-        for i in tl.static_range(LOG2_N):  # rows N -> 1; column d then holds row d >> SPREAD
-            s = _fold(s, col, 1 << (LOG2_BD - 1 - i))
+        for i in tl.static_range(LOG2_N):  # rows N -> 1; column j then holds state j >> SPREAD
+            lo, hi = tl.split(tl.permute(tl.reshape(s, (2, s.shape[0] // 2, s.shape[1])), (1, 2, 0)))
+            s = lo + _lane_xor(hi, 1 << (LOG2_BD - 1 - i))
         SPREAD: tl.constexpr = LOG2_BD - LOG2_N
         for i in tl.static_range(SPREAD):  # sum the copies of each row, 2**SPREAD columns apart
             s = s + _lane_xor(s, 1 << i)
@@ -835,7 +834,7 @@ def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr
 
 
 @triton.jit
-def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias, Dv,
+def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias, Dv,
                dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr,
                LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
@@ -847,7 +846,7 @@ def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, 
     if HAS_BIAS:
         pre += bias
     dt = _softplus(pre) if SOFTPLUS else pre
-    uf, Bf, Cf = u.to(tl.float32), _col(Bt, 0, N, BC_LANES), _col(Ct, N, N, BC_LANES)  # (N, 1) or (N, BD)
+    uf, Bf, Cf = u.to(tl.float32), _col(Bt, False, sn, BC_LANES), _col(Ct, True, sn, BC_LANES)  # (N, 1) or (N, BD)
     dy = _gate(dout, zz, HAS_Z)
     if HAS_Z:
         y = tl.sum(h * Cf, 0)
@@ -869,8 +868,8 @@ def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, 
     dbias_acc += tl.where(m, ddelta, 0.0)
     tl.store(du_p + t * Dm, du.to(du_p.dtype.element_ty), mask=m)
     tl.store(ddl_p + t * Dm, ddelta.to(ddl_p.dtype.element_ty), mask=m)
-    _store_channel_sum(dB_p + t * n_dblk * N, g * (dt * uf)[None, :], ok, nm, LOG2_N, LOG2_BD)  # this program's channels
-    _store_channel_sum(dC_p + t * n_dblk * N, h * dy[None, :], ok, nm, LOG2_N, LOG2_BD)
+    _store_channel_sum(dB_p + t * n_dblk * N, g * (dt * uf)[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
+    _store_channel_sum(dC_p + t * n_dblk * N, h * dy[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
     return a * g, dA_acc, dD_acc, dbias_acc
 
 
@@ -893,7 +892,13 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     dm = d < Dm
     n = tl.arange(0, N)
     nm = n < N
-    A2 = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
+    # sn: the state each element of the (N, BD) tiles holds. With BC_LANES (so N < BD) row r of lane j
+    # holds state r ^ (j >> (LOG2_BD - LOG2_N)), which lets _store_channel_sum skip its selects
+    if BC_LANES:
+        sn = n[:, None] ^ (tl.arange(0, BD)[None, :] >> (LOG2_BD - LOG2_N))
+    else:
+        sn = n[:, None]
+    A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
     bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
@@ -905,8 +910,8 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     dB_p = dB_ptr + (b * L * n_dblk + pid_d) * N  # partials (B, L, n_dblk, N)
     dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N
     scr = scr_ptr + (bs * n_dblk + pid_d) * (CHUNK // GROUP) * N * BD + n[:, None] * BD + tl.arange(0, BD)[None, :]
-    st_p = st_ptr + b * n_chunks * N * Dm + n[:, None] * Dm + d[None, :]
-    seg_p = bs * N * Dm + n[:, None] * Dm + d[None, :]
+    st_p = st_ptr + b * n_chunks * N * Dm + sn * Dm + d[None, :]
+    seg_p = bs * N * Dm + sn * Dm + d[None, :]
     # a_{t+1} g_{t+1}: the adjoint flowing back into token t; at first, what the later segments send
     gc = tl.load(cin_ptr + seg_p, mask=tl.where(n_seg > 1, dm, False)[None, :], other=0.0)
     dA_acc = tl.zeros((N, BD), tl.float32)
@@ -924,16 +929,16 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
             tl.store(scr + (k // GROUP) * N * BD, h)
-            dt, pre, a, x = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt, pre, a, x = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
             u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
-            dt, pre, a, x = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt, pre, a, x = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
             u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
-            dt, pre, a, x = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt, pre, a, x = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
             u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
-            dt, pre, a, x = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt, pre, a, x = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
             u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
         # back through the groups, each token's inputs re-loaded for the group before as soon as used
@@ -949,39 +954,39 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
             t = c * CHUNK + k
             tp = tl.maximum(t - GROUP, 0)  # the group before (a harmless re-load at the chunk's start)
             h0 = tl.load(scr + (k // GROUP) * N * BD)
-            dt, pre, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt, pre, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h1 = a0 * h0 + x0
-            dt, pre, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt, pre, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h2 = a1 * h1 + x1
-            dt, pre, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt, pre, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h3 = a2 * h2 + x2
-            dt, pre, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt, pre, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h4 = a3 * h3 + x3
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h3, h4, a3, t + 3, u3, dl3, B3, C3, z3, g3, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
+                gc, h3, h4, a3, t + 3, u3, dl3, B3, C3, z3, g3, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias,
                 Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g3 = _load_dout(dout_p, tp + 3, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h2, h3, a2, t + 2, u2, dl2, B2, C2, z2, g2, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
+                gc, h2, h3, a2, t + 2, u2, dl2, B2, C2, z2, g2, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias,
                 Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g2 = _load_dout(dout_p, tp + 2, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h1, h2, a1, t + 1, u1, dl1, B1, C1, z1, g1, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
+                gc, h1, h2, a1, t + 1, u1, dl1, B1, C1, z1, g1, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias,
                 Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g1 = _load_dout(dout_p, tp + 1, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h0, h1, a0, t, u0, dl0, B0, C0, z0, g0, du_p, ddl_p, dz_p, dB_p, dC_p, A2, bias,
+                gc, h0, h1, a0, t, u0, dl0, B0, C0, z0, g0, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias,
                 Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g0 = _load_dout(dout_p, tp, L, Dm, dm)
-    tl.store(dA_ptr + (bs * N + n[:, None]) * Dm + d[None, :], dA_acc, mask=dm[None, :])
+    tl.store(dA_ptr + (bs * N + sn) * Dm + d[None, :], dA_acc, mask=dm[None, :])
     if HAS_D:
         tl.store(dD_ptr + bs * Dm + d, dD_acc, mask=dm)
     if HAS_BIAS:
