@@ -14,7 +14,8 @@ traces through them: CUDA tensors run the Triton kernels below, CPU tensors run
 the reference.
 
 Checked by test_pack.py (on a GPU: python -m pytest -q -k "cuda or real_size"), timed by
-python bench.py --ops and notes/kernel_sweep.py; the numbers are in notes/perf.md.
+python bench.py --ops and the scripts in notes/ (notes/scan_time.py: the default configuration);
+the numbers are in notes/perf.md.
 """
 from typing import Optional
 
