@@ -672,7 +672,8 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     dm = d < Dm
     n = tl.arange(0, N)
     nm = n < N
-    A2 = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
+    sn = n[:, None]  # the state each row of the (N, BD) tiles holds (the backward permutes them)
+    A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
     bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
     args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_ptr + b * s_bb, C_ptr + b * s_cb,
             z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
@@ -694,24 +695,24 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     g3 = _load_dout(dout_p, t + 3 * step, L, Dm, dm) if REVERSE else 0.0
     for k in range(0, seg_len, GROUP):
         t = ((s + 1) * seg_len - 1 - k) if REVERSE else (s * seg_len + k)
-        c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, C0, z0, g0, p0, ok0, bias, A2, n[:, None],
+        c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, C0, z0, g0, p0, ok0, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g0 = _load_dout(dout_p, t + 4 * step, L, Dm, dm) if REVERSE else 0.0
-        c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, C1, z1, g1, p1, ok1, bias, A2, n[:, None],
+        c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, C1, z1, g1, p1, ok1, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g1 = _load_dout(dout_p, t + 5 * step, L, Dm, dm) if REVERSE else 0.0
-        c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, C2, z2, g2, p2, ok2, bias, A2, n[:, None],
+        c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, C2, z2, g2, p2, ok2, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g2 = _load_dout(dout_p, t + 6 * step, L, Dm, dm) if REVERSE else 0.0
-        c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, C3, z3, g3, p3, ok3, bias, A2, n[:, None],
+        c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, C3, z3, g3, p3, ok3, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         g3 = _load_dout(dout_p, t + 7 * step, L, Dm, dm) if REVERSE else 0.0
     P = tl.where(cut != 0, 0.0, tl.exp2(sdt[None, :] * A2))
-    out = (b * n_seg + s) * N * Dm + n[:, None] * Dm + d[None, :]
+    out = (b * n_seg + s) * N * Dm + sn * Dm + d[None, :]
     tl.store(loc_ptr + out, c, mask=dm[None, :])
     tl.store(P_ptr + out, P, mask=dm[None, :])
 
@@ -768,16 +769,17 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     dm = d < Dm
     n = tl.arange(0, N)
     nm = n < N
-    A2 = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
+    sn = n[:, None]  # the state each row of the (N, BD) tiles holds (the backward permutes them)
+    A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
     bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
     B_p, C_p, pos_p = B_ptr + b * s_bb, C_ptr + b * s_cb, pos_ptr + b * s_pb
     out_p = out_ptr + b * L * Dm + d
-    st_p = st_ptr + b * n_chunks * N * Dm + n[:, None] * Dm + d[None, :]
+    st_p = st_ptr + b * n_chunks * N * Dm + sn * Dm + d[None, :]
     args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
-    seg_p = (b * n_seg + s) * N * Dm + n[:, None] * Dm + d[None, :]
+    seg_p = (b * n_seg + s) * N * Dm + sn * Dm + d[None, :]
     h = tl.load(cin_ptr + seg_p, mask=tl.where(n_seg > 1, dm, False)[None, :], other=0.0)  # the state entering
     t0 = c0 * CHUNK
     u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t0, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
@@ -789,16 +791,16 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
         # each token's inputs are re-loaded GROUP tokens ahead as soon as they are consumed
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
-            h = _fwd_token(h, t, u0, dl0, B0, C0, z0, p0, ok0, A2, n[:, None], bias, Dv, out_p, Dm, dm,
+            h = _fwd_token(h, t, u0, dl0, B0, C0, z0, p0, ok0, A2, sn, bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
-            h = _fwd_token(h, t + 1, u1, dl1, B1, C1, z1, p1, ok1, A2, n[:, None], bias, Dv, out_p, Dm, dm,
+            h = _fwd_token(h, t + 1, u1, dl1, B1, C1, z1, p1, ok1, A2, sn, bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
-            h = _fwd_token(h, t + 2, u2, dl2, B2, C2, z2, p2, ok2, A2, n[:, None], bias, Dv, out_p, Dm, dm,
+            h = _fwd_token(h, t + 2, u2, dl2, B2, C2, z2, p2, ok2, A2, sn, bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
-            h = _fwd_token(h, t + 3, u3, dl3, B3, C3, z3, p3, ok3, A2, n[:, None], bias, Dv, out_p, Dm, dm,
+            h = _fwd_token(h, t + 3, u3, dl3, B3, C3, z3, p3, ok3, A2, sn, bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
         tl.store(st_p + c * N * Dm, h, mask=dm[None, :])  # tokens past L were identities: h is h_{L-1}
@@ -1006,6 +1008,14 @@ SCAN_FWD_PROGRAMS_PER_SM = 16
 SCAN_BWD_PROGRAMS_PER_SM = 8
 
 
+def _config(cfg, N, BD, num_warps, bc_lanes):
+    """(BD, num_warps, bc_lanes) for a launch: the ones given, else cfg's; B and C go one element per
+    lane only where the 2N values fit on the BD lanes."""
+    BD = BD or cfg["BD"]
+    bc_lanes = cfg["bc_lanes"] if bc_lanes is None else bc_lanes
+    return BD, num_warps or cfg["num_warps"], bc_lanes and 2 * N <= BD
+
+
 def _rowmajor(t):
     """Last dimension contiguous (what the kernels index with stride 1); copies only if needed."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -1073,11 +1083,9 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
 def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD=None, num_warps=None,
                     bc_lanes=None, segments=None):
     """Launches the forward; returns out (B, L, Dm) in u.dtype and the chunk-end states (B, n_chunks, N, Dm)."""
-    BD, num_warps = BD or SCAN_FWD_CONFIG["BD"], num_warps or SCAN_FWD_CONFIG["num_warps"]
     Bb, L, Dm = u.shape
     N = A.shape[1]
-    bc_lanes = SCAN_FWD_CONFIG["bc_lanes"] if bc_lanes is None else bc_lanes
-    bc_lanes = bc_lanes and 2 * N <= BD
+    BD, num_warps, bc_lanes = _config(SCAN_FWD_CONFIG, N, BD, num_warps, bc_lanes)
     n_chunks = _n_chunks(L)
     seg_len, n_seg = _segments(u, triton.cdiv(Dm, BD) * Bb, segments, SCAN_FWD_PROGRAMS_PER_SM)
     out = torch.empty(Bb, L, Dm, device=u.device, dtype=u.dtype)
@@ -1093,11 +1101,9 @@ def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD
 def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delta_softplus, BD=None,
                     num_warps=None, bc_lanes=None, segments=None):
     """Launches the backward; returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)."""
-    BD, num_warps = BD or SCAN_BWD_CONFIG["BD"], num_warps or SCAN_BWD_CONFIG["num_warps"]
     Bb, L, Dm = u.shape
     N = A.shape[1]
-    bc_lanes = SCAN_BWD_CONFIG["bc_lanes"] if bc_lanes is None else bc_lanes
-    bc_lanes = bc_lanes and 2 * N <= BD
+    BD, num_warps, bc_lanes = _config(SCAN_BWD_CONFIG, N, BD, num_warps, bc_lanes)
     n_dblk = triton.cdiv(Dm, BD)
     seg_len, n_seg = _segments(u, n_dblk * Bb, segments, SCAN_BWD_PROGRAMS_PER_SM)
     f32 = dict(device=u.device, dtype=torch.float32)
