@@ -52,6 +52,21 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def copy_tbs():
+    """Device-to-device copy bandwidth of 2 GiB (read + write), TB/s."""
+    x = torch.empty(2 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / (do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3) / 1e12
+
+
+def timing_shapes(B=8, L=2048, widths=(1536, 4096, 5120)):
+    """The timing sweeps' shapes, B rows x L tokens packed from D1 lengths: yields (d_inner, scan inputs
+    (bf16), an output gradient, pos)."""
+    pos = d1_pos(B, L)
+    for Dm in widths:
+        yield Dm, inputs(B, L, Dm), torch.randn(B, L, Dm, device=dev, dtype=torch.bfloat16), pos
+
+
 def bench_conv(B=8, L=2048, D=4096, dtype=torch.bfloat16, W=4, configs=None):
     """Median ms of forward and forward+backward (do_bench), packed and pos=None, per config.
 
@@ -90,11 +105,8 @@ def bench_conv(B=8, L=2048, D=4096, dtype=torch.bfloat16, W=4, configs=None):
 
 def main():
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    # copy bandwidth
-    x = torch.empty(2 << 30, dtype=torch.uint8, device=dev); y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), return_mode="median")
-    bw = 2 * x.numel() / (ms * 1e-3)
-    res["copy_bw_TBs"] = bw / 1e12
+    res["copy_bw_TBs"] = copy_tbs()
+    bw = res["copy_bw_TBs"] * 1e12
     print(f"copy bandwidth {bw/1e12:.2f} TB/s", flush=True)
 
     # correctness at 2 rows x 2048, d_inner 1536 (bf16 and fp32 inputs vs fp64 reference)
@@ -124,13 +136,10 @@ def main():
     fwd_cfgs = [(32, 1), (16, 1), (64, 2), (128, 4)]
     bwd_cfgs = [(32, 1), (16, 1), (8, 1), (32, 2)]
     B, L = 8, 2048
-    pos = d1_pos(B, L)
     res["timings"] = []
     table = []
-    for Dm in (1536, 4096, 5120):
-        args = inputs(B, L, Dm)
+    for Dm, args, dout, pos in timing_shapes(B, L):
         out, st = kernels.scan_fwd_triton(*args, pos, True)
-        dout = torch.randn_like(out)
         elt = B * L * Dm
         fwd_bytes = 2 * elt * 4 + 2 * B * L * 16 * 2 + B * L * 4 + st.numel() * 4  # u, delta, z, out; B, C; pos; states
         bwd_bytes = 2 * elt * 7 + 4 * B * L * 16 * 2 + B * L * 4 + st.numel() * 4  # u, delta, z, dout, du, ddelta, dz; B, C, dB, dC

@@ -19,7 +19,7 @@ from triton.testing import do_bench
 sys.path.insert(0, ".")
 sys.path.insert(0, "notes")
 import kernels  # noqa: E402
-from kernel_sweep import d1_pos, inputs, rel  # noqa: E402
+from kernel_sweep import d1_pos, inputs, rel, timing_shapes  # noqa: E402
 
 try:
     import k3  # the v3 kernels, for the before/after rows
@@ -49,11 +49,7 @@ def main(out):
         print("check seg", seg, "BAD " + str(bad) if bad else "ok", flush=True)
         res[f"check_seg{seg}"] = row
     # timings (median ms, L2 flushed by do_bench)
-    B, L = 8, 2048
-    pos = d1_pos(B, L)
-    for Dm in (1536, 4096, 5120):
-        args = inputs(B, L, Dm)
-        dout = torch.randn(B, L, Dm, device="cuda", dtype=torch.bfloat16)
+    for Dm, args, dout, pos in timing_shapes():
         t = {}
         if k3 is not None:
             _, st_old = k3.scan_fwd_triton(*args, pos, True)

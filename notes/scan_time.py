@@ -17,7 +17,7 @@ from triton.testing import do_bench
 sys.path.insert(0, ".")
 sys.path.insert(0, "notes")
 import kernels  # noqa: E402
-from kernel_sweep import d1_pos, inputs  # noqa: E402
+from kernel_sweep import copy_tbs, timing_shapes  # noqa: E402
 
 
 def host_us(fn, n=200):
@@ -47,21 +47,10 @@ class ConvFn(torch.autograd.Function):
         return tuple(kernels._conv1d_bwd(d, x, w, b, None, True))
 
 
-def copy_tbs():
-    """Device-to-device copy bandwidth of 2 GiB (read + write), TB/s."""
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e12
-
-
 def main(out):
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "copy_TBs": copy_tbs()}
-    B, L = 8, 2048
-    pos = d1_pos(B, L)
-    for Dm in (1536, 4096, 5120):
-        args = inputs(B, L, Dm)
-        dout = torch.randn(B, L, Dm, device="cuda", dtype=torch.bfloat16)
+    for Dm, args, dout, pos in timing_shapes():
         t = {}
         for name, p in (("packed", pos), ("nopos", None)):
             _, st = kernels.scan_fwd_triton(*args, p, True)
