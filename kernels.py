@@ -28,7 +28,8 @@ from torch import Tensor
 
 # The scan forward keeps the fp32 state at the end of every CHUNK tokens for the
 # backward, which recomputes everything else from the inputs (see _scan_bwd_kernel).
-CHUNK = 64
+# 128 beat 64 and 32 on an H200 (fewer chunk starts in the backward; notes/perf.md).
+CHUNK = 128
 
 # -----------------------------------------------------------------------------
 # PyTorch references (any device; fp32 math, fp64 for fp64 inputs; differentiable by autograd)
@@ -539,14 +540,16 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # The backward does the same for the adjoint, walking the other way.
 #
 # What the backward needs and what is saved: the inputs, plus the state at the
-# end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 32 states
-# x 256 KB per row, half the size of u in bf16), never the full state history
+# end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 16 states
+# x 256 KB per row, a quarter of the size of u in bf16), never the full state history
 # (L x N x Dm). The backward walks its chunks last to first. For each chunk it
 # recomputes the forward from the saved state and stashes the state entering
-# every group of GROUP tokens in a scratch buffer (CHUNK/GROUP x N x BD fp32 per
-# program, which stays in L2), then walks the groups backwards: recompute the
-# group's GROUP states and decays into registers, then run the adjoint
-# g_t = C_t dy_t + a_{t+1} g_{t+1} back through them, forming every gradient.
+# every other token in a scratch buffer (CHUNK/2 x N x BD fp32 per program, read
+# back soon after, mostly from L2), then walks the tokens backwards two at a time:
+# recompute the pair's second state and both decays into registers, then run the
+# adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} back through them, forming every
+# gradient. (Recomputing whole groups of GROUP tokens from one stashed state
+# keeps GROUP states live and spills; notes/perf.md.)
 # dB and dC are sums over channels: each program writes its partial sum over its
 # BD channels (a reduce-scatter across lanes, _store_channel_sum) and torch sums
 # the partials (deterministic, no atomics); dA, dD and d(delta bias) likewise
@@ -912,7 +915,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     dout_p, du_p, ddl_p, dz_p = dout_ptr + row, du_ptr + row, ddl_ptr + row, dz_ptr + row
     dB_p = dB_ptr + (b * L * n_dblk + pid_d) * N  # partials (B, L, n_dblk, N)
     dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N
-    scr = scr_ptr + (bs * n_dblk + pid_d) * (CHUNK // GROUP) * N * BD + n[:, None] * BD + tl.arange(0, BD)[None, :]
+    scr = scr_ptr + (bs * n_dblk + pid_d) * (CHUNK // 2) * N * BD + n[:, None] * BD + tl.arange(0, BD)[None, :]
     st_p = st_ptr + b * n_chunks * N * Dm + sn * Dm + d[None, :]
     seg_p = bs * N * Dm + sn * Dm + d[None, :]
     # a_{t+1} g_{t+1}: the adjoint flowing back into token t; at first, what the later segments send
@@ -931,13 +934,14 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
         u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
-            tl.store(scr + (k // GROUP) * N * BD, h)
+            tl.store(scr + (k // 2) * N * BD, h)
             dt, pre, a, x = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
             u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
             dt, pre, a, x = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
             u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
+            tl.store(scr + (k // 2 + 1) * N * BD, h)
             dt, pre, a, x = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
             u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
@@ -956,11 +960,9 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
             k = CHUNK - GROUP - kk
             t = c * CHUNK + k
             tp = tl.maximum(t - GROUP, 0)  # the group before (a harmless re-load at the chunk's start)
-            h0 = tl.load(scr + (k // GROUP) * N * BD)
-            dt, pre, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h1 = a0 * h0 + x0
-            dt, pre, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h2 = a1 * h1 + x1
+            # tokens 3 and 2 of the group from the state stashed before token 2, then 1 and 0 from the one
+            # before token 0: two states and decays live at a time
+            h2 = tl.load(scr + (k // 2 + 1) * N * BD)
             dt, pre, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h3 = a2 * h2 + x2
             dt, pre, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
@@ -977,6 +979,11 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                 LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g2 = _load_dout(dout_p, tp + 2, L, Dm, dm)
+            h0 = tl.load(scr + (k // 2) * N * BD)
+            dt, pre, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+            h1 = a0 * h0 + x0
+            dt, pre, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+            h2 = a1 * h1 + x1
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
                 gc, h1, h2, a1, t + 1, u1, dl1, B1, C1, z1, g1, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias,
                 Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
@@ -1116,7 +1123,7 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     dC = torch.empty(Bb, L, n_dblk, N, **f32)
     dD = torch.empty(Bb * n_seg, Dm, **f32)
     dbias = torch.empty(Bb * n_seg, Dm, **f32)
-    scratch = torch.empty(Bb * n_seg, n_dblk, CHUNK // GROUP, N, BD, **f32)
+    scratch = torch.empty(Bb * n_seg, n_dblk, CHUNK // 2, N, BD, **f32)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
     cin = _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, True)
     _scan_bwd_kernel[(n_dblk, n_seg, Bb)](
