@@ -196,7 +196,7 @@ def run_mode(steps, model, opt, device, repeats):
 
 
 def bench_model(args, device, docs, vocab_size, eot, source):
-    cfg = MambaConfig.from_preset(args.preset, vocab_size=vocab_size)
+    cfg = MambaConfig.from_preset(args.preset, vocab_size=vocab_size, recompute=args.recompute)
     model = MambaLM(cfg).to(device)
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=LR, betas=(0.9, 0.95), fused=device == "cuda")
     compile_mode = {"auto": "on" if device == "cuda" else "off"}.get(args.compile, args.compile)
@@ -208,7 +208,7 @@ def bench_model(args, device, docs, vocab_size, eot, source):
     peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in gpu), None)
     print(f"model {args.preset}: {model.num_params() / 1e6:.1f}M parameters, {model.flops_per_token() / 1e9:.2f} "
           f"GFLOP/token; {len(docs)} documents, {sum(len(d) for d in docs):,} tokens ({source}); "
-          f"compile {compile_mode}", flush=True)
+          f"compile {compile_mode}, recompute {'on' if args.recompute else 'off'}", flush=True)
     results = {}
     for mode in [m for m in MODES if m in args.modes]:
         steps, slots = make_batches(mode, docs, eot, vocab_size, args, device)
@@ -404,6 +404,8 @@ def main(argv=None):
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "blocks", "off"],
                         help="torch.compile the model (auto: on CUDA), or each block on its own (blocks: compiles in a "
                              "fraction of the time for deep models; embedding and head run eagerly)")
+    parser.add_argument("--recompute", action="store_true", help="MambaConfig.recompute: every block recomputes its cheap "
+                        "activations in the backward instead of saving them (less memory, a little more compute)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if available")
     parser.add_argument("--ops", action="store_true", help="per-op timings (conv, scan) instead of the model")
     parser.add_argument("--widths", default="1536,4096,5120", help="--ops: d_inner values")

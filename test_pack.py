@@ -35,6 +35,7 @@ import train
 from kernels import causal_conv1d_ref, conv1d_bwd_triton, conv1d_fwd_triton
 from model import MambaConfig, MambaLM
 from pack import Shard, ShardError
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -683,6 +684,80 @@ def test_model_ref_ops_match_kernel_ops():
     assert max(rel(a.grad, b.grad) for a, b in zip(model_k.parameters(), model_r.parameters())) < 1e-12
 
 
+class OpCount(TorchDispatchMode):
+    """Counts the ops that run under it, by name (aten.mm, packmamba.scan_fwd, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def recompute_case(recompute, compiled=False, autocast=False, device="cpu", n_layer=2):
+    """One packed batch of fresh random tokens (a padding tail, ignored targets) through the model with
+    config.recompute on or off: (loss, every parameter gradient, bytes autograd saved, ops the backward ran)."""
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=61, d_model=32, n_layer=n_layer, d_state=4, recompute=recompute)
+    model = MambaLM(cfg).to(device)
+    g = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, 61, (2, 24), generator=g), torch.randint(0, 61, (2, 24), generator=g)
+    targets[1, 20:] = -1
+    pos = pos_from_lengths([[5, 1, 10, 8], [7, 13]], 24, "cpu")
+    idx, targets, pos = idx.to(device), targets.to(device), pos.to(device)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):  # unique storages that are not parameters; the compiled function saves through this too
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    run = torch.compile(model, fullgraph=True) if compiled else model
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(device, torch.bfloat16, enabled=autocast):
+        _, loss = run(idx, targets, pos)
+    with OpCount() as ops:
+        loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters()], sum(saved.values()), ops.n
+
+
+def assert_same(a, b, exact):
+    if exact:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_recompute_is_exact_eager(autocast, device):
+    """config.recompute: the same loss and gradients (bit for bit on CPU); the backward re-runs the conv
+    (once per layer) and delta's matmul, but not the scan and not the in_proj / x_proj matmuls."""
+    loss, grads, _, ops = recompute_case(False, autocast=autocast, device=device)
+    loss_r, grads_r, _, ops_r = recompute_case(True, autocast=autocast, device=device)
+    assert_same(loss_r, loss, device == "cpu")
+    for g, g_r in zip(grads, grads_r):
+        assert_same(g_r, g, device == "cpu")
+    assert ops["packmamba.conv1d_fwd"] == 0 and ops_r["packmamba.conv1d_fwd"] == 2
+    assert ops["packmamba.scan_fwd"] == ops_r["packmamba.scan_fwd"] == 0
+    assert ops_r["aten.mm"] == ops["aten.mm"] + 2  # dt_proj, per layer
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_recompute_is_exact_compiled(device):
+    """The same under torch.compile(fullgraph=True): the selective checkpoint traces through the custom
+    ops, gives the loss and gradients of recompute off, and the compiled function saves less."""
+    loss, grads, saved, _ = recompute_case(False, compiled=True, device=device)
+    loss_r, grads_r, saved_r, _ = recompute_case(True, compiled=True, device=device)
+    assert_same(loss_r, loss, False)  # bitwise on CPU when written (torch 2.13), but inductor may fuse differently
+    for g, g_r in zip(grads, grads_r):
+        assert_same(g_r, g, False)
+    assert saved_r < 0.75 * saved, (saved_r, saved)
+
+
 # -----------------------------------------------------------------------------
 # GPU only: real sizes, bf16 and fp32, against an fp64 reference
 
@@ -765,14 +840,17 @@ def test_loss_falls(data_dir, tmp_path, packed, capsys):
     assert ckpt["step"] == 12 and ckpt["config"]["d_model"] == 128 and ckpt["args"]["packed"] == packed
 
 
-def test_resume_continues_the_run(data_dir, tmp_path):
-    """3 steps + --resume for 3 more = 6 steps straight: same losses, same data position."""
+def test_resume_continues_the_run(data_dir, tmp_path, capsys):
+    """3 steps + --resume for 3 more = 6 steps straight: same losses, same data position. The resumed
+    part runs with --recompute, which changes no math (and does not keep the checkpoint from loading)."""
     common = ["--packed", "--eval_interval", "3", "--warmup_iters", "1", "--lr_decay_iters", "6"]
     assert run_train(data_dir, tmp_path / "straight", *common, "--max_iters", "6") == 0
     assert run_train(data_dir, tmp_path / "split", *common, "--max_iters", "3") == 0
     ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 3 and ckpt["data"] == {"epoch": 0, "index": 12}
-    assert run_train(data_dir, tmp_path / "split", *common, "--max_iters", "6", "--resume") == 0
+    capsys.readouterr()
+    assert run_train(data_dir, tmp_path / "split", *common, "--max_iters", "6", "--resume", "--recompute") == 0
+    assert "recompute on" in capsys.readouterr().out
     straight, _ = read_log(tmp_path / "straight")
     split, _ = read_log(tmp_path / "split")
     assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
@@ -844,7 +922,7 @@ def test_help_lists_defaults(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for opt in ("--data_dir", "--out_dir", "--preset", "--batch_size", "--max_iters", "--eval_interval",
-                "--compile", "--resume", "--device", "--seed", "--packed", "--grad_accum", "--grad_clip"):
+                "--compile", "--resume", "--device", "--seed", "--packed", "--grad_accum", "--grad_clip", "--recompute"):
         assert opt in out
     assert "(default: data)" in out and "(default: auto)" in out
 
@@ -930,9 +1008,11 @@ def test_padded_groups():
     assert bench.padded_groups([800, 1], 800) == [[0], [1]]
 
 
-def test_smoke_all_modes(tmp_path, bench_data):
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
+def test_smoke_all_modes(tmp_path, bench_data, recompute, capsys):
     out = tmp_path / "b.json"
-    bench.main(TINY + ["--data_dir", bench_data, "--out", str(out)])
+    bench.main(TINY + ["--data_dir", bench_data, "--out", str(out)] + (["--recompute"] if recompute else []))
+    assert f"recompute {'on' if recompute else 'off'}" in capsys.readouterr().out
     res = json.loads(out.read_text())
     assert list(res["modes"]) == list(bench.MODES)
     for r in res["modes"].values():

@@ -98,6 +98,9 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto", help="torch.compile the model (auto: on for CUDA, off for CPU)")
+    p.add_argument("--recompute", action="store_true", help="recompute the cheap activations of every block in the "
+                   "backward instead of saving them (MambaConfig.recompute: at d_model 2048, 34 instead of 54 KB per token "
+                   "per layer compiled; a little more compute, same math)")
     p.add_argument("--threads", type=auto_or(int, 1), default="auto",
                    help="torch CPU threads (auto: 1 on CPU, where the reference scan is a loop of small ops that "
                         "more threads slow down, badly so on a busy machine; torch's default on CUDA)")
@@ -233,7 +236,8 @@ def load_checkpoint(path, cfg, args, n_items):
     except Exception as e:
         raise TrainError(f"--resume: cannot read {path} ({type(e).__name__}: {e}); delete it or use another --out_dir") from None
     new_cfg = asdict(cfg)
-    diff = [f"{k} {old_cfg.get(k)} -> {v}" for k, v in new_cfg.items() if k != "ops" and old_cfg.get(k) != v]
+    diff = [f"{k} {old_cfg.get(k)} -> {v}" for k, v in new_cfg.items()
+            if k not in ("ops", "recompute") and old_cfg.get(k) != v]  # those two don't change the math
     if diff:
         raise TrainError(f"--resume: {path} holds a preset {old_args.get('preset')} model, this run asks for preset "
                          f"{args.preset} ({', '.join(diff)}); pass --preset {old_args.get('preset')} with the same "
@@ -290,7 +294,7 @@ def train(args):
     val = Batches(val_shards, args.packed, args.batch_size, args.seed, shuffle=False) if val_shards else None
 
     torch.manual_seed(args.seed)
-    cfg = MambaConfig.from_preset(args.preset, vocab_size=vocab)
+    cfg = MambaConfig.from_preset(args.preset, vocab_size=vocab, recompute=args.recompute)
     model = MambaLM(cfg).to(dev)
     optimizer = torch.optim.AdamW(model.optimizer_groups(args.weight_decay), lr=args.lr, betas=(0.9, args.beta2),
                                   fused=dev.type == "cuda")
@@ -319,8 +323,8 @@ def train(args):
 
     real = sum(int(np.asarray(s.cu)[np.asarray(s.row_ptr)[1:] - 1].sum()) for s in train_shards)  # rows' used lengths
     rows = len(data.items)
-    print(f"device {dev} | dtype {args.dtype} | compile {'on' if args.compile else 'off'} | threads {args.threads} | "
-          f"seed {args.seed}")
+    print(f"device {dev} | dtype {args.dtype} | compile {'on' if args.compile else 'off'} | "
+          f"recompute {'on' if args.recompute else 'off'} | threads {args.threads} | seed {args.seed}")
     print(f"model  preset {args.preset} (d_model {cfg.d_model}, n_layer {cfg.n_layer}, vocab {vocab}) | "
           f"{model.num_params() / 1e6:.2f}M params | {flops_per_token / 1e6:.1f} MFLOPs/token")
     print(f"data   {args.data_dir}: {'packed' if args.packed else 'padded'}, {rows:,} train "
