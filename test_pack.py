@@ -725,10 +725,12 @@ def recompute_case(recompute, compiled=False, autocast=False, device="cpu", n_la
 
 
 def assert_same(a, b, exact):
+    """Bit for bit, or (where recomputed ops may round differently: CUDA, inductor's fused kernels)
+    within fp32 rounding, norm-wise: a wrong recomputed value would be off by O(1)."""
     if exact:
         assert torch.equal(a, b)
     else:
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        assert rel(a, b) < 1e-5, f"relative difference {rel(a, b):.1e} in a tensor of shape {tuple(b.shape)}"
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
