@@ -926,7 +926,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     for cc in range(c1 - c0):
         c = c1 - 1 - cc
         h = tl.where(c > 0, tl.load(st_p + tl.maximum(c - 1, 0) * N * Dm, mask=dm[None, :], other=0.0), 0.0)
-        # forward through the chunk, stashing the state entering each group; loads GROUP tokens ahead
+        # forward through the chunk, stashing the state entering every other token; loads GROUP tokens ahead
         t = c * CHUNK
         u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
         u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, False, HAS_POS, BC_LANES)
