@@ -840,18 +840,14 @@ def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr
 
 
 @triton.jit
-def _bwd_token(gc, h_prev, h, a, t, u, dl, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias, Dv,
+def _bwd_token(gc, h_prev, h, a, dt, pre, t, u, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, Dv,
                dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
-               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr,
-               LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
-    """Token t of the backward, dout its (BD,) output gradient. gc = a_{t+1} g_{t+1} (N, BD) comes in;
-    a_t g_t goes out."""
+               HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
+               BC_LANES: tl.constexpr):
+    """Token t of the backward, dout its (BD,) output gradient; h_prev, h, a, dt, pre as the recompute
+    (_decay_input) made them. gc = a_{t+1} g_{t+1} (N, BD) comes in; a_t g_t goes out."""
     ok = t < L
     m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
-    pre = dl.to(tl.float32)
-    if HAS_BIAS:
-        pre += bias
-    dt = _softplus(pre) if SOFTPLUS else pre
     uf, Bf, Cf = u.to(tl.float32), _col(Bt, False, sn, BC_LANES), _col(Ct, True, sn, BC_LANES)  # (N, 1) or (N, BD)
     dy = _gate(dout, zz, HAS_Z)
     if HAS_Z:
@@ -963,36 +959,36 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
             # tokens 3 and 2 of the group from the state stashed before token 2, then 1 and 0 from the one
             # before token 0: two states and decays live at a time
             h2 = tl.load(scr + (k // 2 + 1) * N * BD)
-            dt, pre, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt2, pre2, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h3 = a2 * h2 + x2
-            dt, pre, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt3, pre3, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h4 = a3 * h3 + x3
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h3, h4, a3, t + 3, u3, dl3, B3, C3, z3, g3, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias,
-                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                gc, h3, h4, a3, dt3, pre3, t + 3, u3, B3, C3, z3, g3, du_p, ddl_p, dz_p, dB_p, dC_p,
+                A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g3 = _load_dout(dout_p, tp + 3, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h2, h3, a2, t + 2, u2, dl2, B2, C2, z2, g2, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias,
-                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                gc, h2, h3, a2, dt2, pre2, t + 2, u2, B2, C2, z2, g2, du_p, ddl_p, dz_p, dB_p, dC_p,
+                A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g2 = _load_dout(dout_p, tp + 2, L, Dm, dm)
             h0 = tl.load(scr + (k // 2) * N * BD)
-            dt, pre, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt0, pre0, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h1 = a0 * h0 + x0
-            dt, pre, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+            dt1, pre1, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h2 = a1 * h1 + x1
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h1, h2, a1, t + 1, u1, dl1, B1, C1, z1, g1, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias,
-                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                gc, h1, h2, a1, dt1, pre1, t + 1, u1, B1, C1, z1, g1, du_p, ddl_p, dz_p, dB_p, dC_p,
+                A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g1 = _load_dout(dout_p, tp + 1, L, Dm, dm)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h0, h1, a0, t, u0, dl0, B0, C0, z0, g0, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, bias,
-                Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                gc, h0, h1, a0, dt0, pre0, t, u0, B0, C0, z0, g0, du_p, ddl_p, dz_p, dB_p, dC_p,
+                A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES)
             g0 = _load_dout(dout_p, tp, L, Dm, dm)
