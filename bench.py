@@ -204,6 +204,7 @@ def bench_model(args, device, docs, vocab_size, eot, source):
     if compile_mode == "blocks":  # each Block compiled on its own: one graph serves all layers, far quicker
         for layer in model.layers:
             layer.compile()
+        model.head = torch.compile(model.head)  # and the head (norm, lm_head, loss): one fused loss kernel
     gpu = torch.cuda.get_device_name() if device == "cuda" else ""
     peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in gpu), None)
     print(f"model {args.preset}: {model.num_params() / 1e6:.1f}M parameters, {model.flops_per_token() / 1e9:.2f} "
@@ -403,7 +404,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode; the median counts")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "blocks", "off"],
                         help="torch.compile the model (auto: on CUDA), or each block on its own (blocks: compiles in a "
-                             "fraction of the time for deep models; embedding and head run eagerly)")
+                             "fraction of the time for deep models; the head, norm + lm_head + loss, is compiled on its "
+                             "own too, the embedding runs eagerly)")
     parser.add_argument("--recompute", action="store_true", help="MambaConfig.recompute: every block recomputes its cheap "
                         "activations in the backward instead of saving them (less memory, a little more compute)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if available")

@@ -1242,3 +1242,125 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, pos=None,
     """Packed selective scan. u, delta, z (B, L, Dm); A (Dm, N) fp32; B, C (B, L, N); D, delta_bias (Dm,) fp32;
     pos (B, L) int32 or None. Returns out (B, L, Dm) in u.dtype."""
     return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus)[0]
+
+
+# -----------------------------------------------------------------------------
+# The LM head's loss: lm_head matmul + cross-entropy, a chunk of rows at a time
+#
+# Formed whole, the logits of a step are large (8 x 2048 tokens x 50,264 vocab: 1.65 GB in bf16, and the
+# gradient as much again), and they are alive at the start of the backward, when every layer's
+# activations are too: the peak. linear_cross_entropy never forms them whole. It walks CE_CHUNK_ELEMS
+# logits (rows x vocab) at a time and forms the gradients of x and of the weight in the forward, where
+# the softmax is at hand: the same three matmuls as lm_head + F.cross_entropy, and the memory of one
+# chunk of logits. The backward only scales the two gradients by the incoming one.
+
+CE_CHUNK_ELEMS = 1 << 26  # logits per chunk: 1335 rows at vocab 50,264 (134 MB in bf16)
+
+
+def cross_entropy_rows_ref(logits, targets, n, need_grad):
+    """Reference twin of cross_entropy_rows_triton. logits (T, V) (overwritten by their gradient
+    (softmax - onehot(target)) / n where need_grad), targets (T,) int64 (-1 = ignore), n () the number of
+    targets != -1 in the whole batch. Returns the loss of each row (T,), 0 where ignored, in fp32
+    (fp64 for fp64 logits)."""
+    lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(lf, -1)  # (T,)
+    valid = targets != -1
+    t = targets.clamp(min=0)[:, None]  # (T, 1)
+    loss = torch.where(valid, lse - lf.gather(1, t)[:, 0], 0.0)
+    if need_grad:
+        g = torch.exp(lf - lse[:, None]).scatter_add(1, t, -torch.ones_like(lf[:, :1]))  # (T, V)
+        logits.copy_(g * (valid.to(lf.dtype) / n)[:, None])
+    return loss
+
+
+@triton.jit
+def _ce_rows_kernel(lg_ptr, tgt_ptr, n_ptr, loss_ptr, V, stride, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of logits: an online max and sum of exp over the vocabulary, then (NEED_GRAD) a second pass
+    that overwrites the row with its gradient. Two reads and one write of the row."""
+    row = tl.program_id(0)
+    p = lg_ptr + row.to(tl.int64) * stride
+    cols = tl.arange(0, BLOCK)
+    m = tl.full((BLOCK,), -1e30, tl.float32)  # finite: exp(m - m_new) stays defined where every value is -inf
+    s = tl.zeros((BLOCK,), tl.float32)
+    for v0 in range(0, V, BLOCK):
+        x = tl.load(p + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    mx = tl.max(m, 0)
+    lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+    tgt = tl.load(tgt_ptr + row)
+    valid = tgt != -1
+    t = tl.where(valid, tgt, 0)
+    tl.store(loss_ptr + row, tl.where(valid, lse - tl.load(p + t).to(tl.float32), 0.0))
+    if NEED_GRAD:
+        scale = tl.where(valid, 1.0 / tl.load(n_ptr).to(tl.float32), 0.0)
+        for v0 in range(0, V, BLOCK):
+            c = v0 + cols
+            x = tl.load(p + c, mask=c < V, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - tl.where(c == t, 1.0, 0.0)) * scale
+            tl.store(p + c, g.to(lg_ptr.dtype.element_ty), mask=c < V)
+
+
+def cross_entropy_rows_triton(logits, targets, n, need_grad):
+    """As cross_entropy_rows_ref; logits (T, V) with unit stride along V, loss in fp32."""
+    T, V = logits.shape
+    loss = torch.empty(T, device=logits.device, dtype=torch.float32)
+    if T:
+        _ce_rows_kernel[(T,)](logits, targets, n, loss, V, logits.stride(0), NEED_GRAD=need_grad, BLOCK=2048,
+                              num_warps=8)
+    return loss
+
+
+@torch.library.custom_op("packmamba::linear_cross_entropy", mutates_args=())
+def _linear_ce(x: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype,
+               need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """x (T, C), weight (V, C), targets (T,) int64 (-1 = ignore); the matmuls in `dtype`, the softmax in fp32
+    or wider. Returns the mean loss over the targets != -1 (), and where need_grad its gradients for x
+    (T, C) and weight (V, C) (else empty tensors)."""
+    T, V = x.shape[0], weight.shape[0]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    n = (targets != -1).sum().clamp(min=1)  # stays on the device: no host sync
+    loss = x.new_zeros((), dtype=acc)
+    dx = torch.empty_like(x) if need_grad else x.new_empty(0)
+    dw = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, acc)) if need_grad else x.new_empty(0)
+    w = weight.to(dtype)
+    rows_ce = cross_entropy_rows_triton if x.is_cuda else cross_entropy_rows_ref
+    rows = max(1, CE_CHUNK_ELEMS // V)
+    with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
+        for s in range(0, T, rows):
+            xc = x[s:s + rows].to(dtype)  # (rows, C)
+            logits = xc @ w.t()  # (rows, V)
+            loss += rows_ce(logits, targets[s:s + rows], n, need_grad).sum()
+            if need_grad:  # logits now hold their gradient
+                dx[s:s + rows] = logits @ w
+                dw += logits.t() @ xc
+    return (loss / n).to(acc), dx, dw
+
+
+@_linear_ce.register_fake
+def _(x, weight, targets, dtype, need_grad):
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if not need_grad:
+        return x.new_empty((), dtype=acc), x.new_empty(0), x.new_empty(0)
+    return (x.new_empty((), dtype=acc), torch.empty_like(x),
+            torch.empty_like(weight, dtype=torch.promote_types(weight.dtype, acc)))
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _linear_ce_backward(ctx, dloss, ddx, ddw):
+    dx, dw = ctx.saved_tensors
+    return dx * dloss, (dw * dloss).to(dw.dtype), None, None, None
+
+
+_linear_ce.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
+
+
+def linear_cross_entropy(x, weight, targets, dtype=None):
+    """Mean cross-entropy of the logits x @ weight.T against targets (-1 = ignore), without forming the
+    logits whole. x (T, C), weight (V, C), targets (T,) int64; dtype: that of the matmuls (default x's)."""
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _linear_ce(x, weight, targets, dtype or x.dtype, need_grad)[0]

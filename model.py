@@ -10,10 +10,12 @@ document alone.
 
     from model import MambaConfig, MambaLM
     model = MambaLM(MambaConfig.from_preset("130m", vocab_size=50257))
-    logits, loss = model(idx, targets, pos)   # idx, targets (B, L) int64, pos (B, L) int32 or None
+    _, loss = model(idx, targets, pos)   # idx, targets (B, L) int64, pos (B, L) int32 or None
+    logits, _ = model(idx, pos=pos)      # (B, L, V); with targets they are never formed whole
 
-config.ops picks the sequence ops: "kernels" (torch custom ops: Triton on CUDA,
-the PyTorch reference on CPU) or "ref" (the plain PyTorch references, for tests).
+config.ops picks the sequence ops and the loss: "kernels" (torch custom ops: Triton on CUDA,
+the PyTorch reference on CPU; the loss through kernels.linear_cross_entropy) or "ref" (the plain
+PyTorch references and F.cross_entropy, for tests).
 
 config.recompute turns on selective activation checkpointing per Block (recompute_policy): the
 backward keeps only the block's input (the fp32 residual), the matmul outputs xz (in_proj) and
@@ -223,16 +225,28 @@ class MambaLM(nn.Module):
 
     def forward(self, idx, targets=None, pos=None):
         """idx (B, L) int64, targets (B, L) int64 with -1 = ignore, pos (B, L) int32 or None.
-        Returns logits (B, L, padded_vocab) and the mean loss over targets != -1 (None without targets)."""
+        Returns (logits (B, L, padded_vocab), None) without targets; with them (None, the mean loss over
+        targets != -1), the logits never formed whole (kernels.linear_cross_entropy)."""
         x = self.embedding(idx)  # (B, L, d_model)
         for layer in self.layers:
             x = layer(x, pos)
-        logits = self.lm_head(self.norm_f(x))  # (B, L, V)
-        loss = None
-        if targets is not None:
-            logits_f = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(logits_f.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
+        """The final norm, lm_head and the loss: x (B, L, d_model) -> (logits, None) without targets,
+        (None, loss) with them. A method of its own so that bench.py --compile blocks can compile it."""
+        x = self.norm_f(x)
+        if targets is None:
+            return self.lm_head(x), None  # (B, L, V)
+        x, targets = x.view(-1, x.size(-1)), targets.view(-1)  # (B*L, d_model), (B*L,)
+        if self.cfg.ops == "ref":
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                                   ignore_index=-1)
+        else:  # the same without the (B*L, V) logits: a chunk of rows at a time, the matmuls in the autocast dtype
+            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            loss = kernels.linear_cross_entropy(x, self.lm_head.weight, targets, dt)
+        return None, loss
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once

@@ -21,6 +21,7 @@ from collections import Counter
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
@@ -640,14 +641,16 @@ def packed_vs_alone(model, lens, L, device):
     targets = torch.randint(0, 61, (1, L), device=device)
     targets[0, sum(lens):] = -1  # the padding tail
     pos = pos_from_lengths([lens], L, "cpu").to(device)
-    logits, loss = model(idx, targets, pos)
+    logits, _ = model(idx, pos=pos)
+    _, loss = model(idx, targets, pos)
     (loss * (targets != -1).sum()).backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     errs, total = [], 0.0
     for i, n in enumerate(lens):
         s = sum(lens[:i])
-        lg, ls = model(idx[:, s:s + n], targets[:, s:s + n])
+        lg, _ = model(idx[:, s:s + n])
+        _, ls = model(idx[:, s:s + n], targets[:, s:s + n])
         (ls * n).backward()
         total = total + ls.detach() * n
         errs.append(rel(logits[:, s:s + n], lg))
@@ -793,6 +796,95 @@ def test_model_packed_equals_each_document_alone_cuda():
     model = tiny_model(torch.float32, device="cuda")
     errs = packed_vs_alone(model, [37, 1, 100, 64], 256, "cuda")
     assert max(errs) < 1e-5, errs
+
+
+# =============================================================================
+# the LM head's loss: kernels.linear_cross_entropy
+
+
+def ce_case(T, V, C, dtype, device, ignore=(1, 4)):
+    """Random x (T, C), weight (V, C) (leaves) and targets (T,) with some ignored (-1)."""
+    x = torch.randn(T, C, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, C, device=device, dtype=dtype) / C ** 0.5).requires_grad_()
+    targets = torch.randint(0, V, (T,), device=device)
+    targets[[i for i in ignore if i < T]] = -1
+    return x, w, targets
+
+
+def ce_grads(loss_fn, x, w, targets):
+    """(loss, dx, dw) of loss_fn(x, w, targets), on fresh copies of the leaves."""
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = loss_fn(x, w, targets)
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+def plain_ce(x, w, targets):
+    return F.cross_entropy((x @ w.t()).to(torch.promote_types(x.dtype, torch.float32)), targets, ignore_index=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [61, 2048, 3000])  # under, at and over one block of the kernel (2048)
+def test_cross_entropy_rows_triton_matches_ref(dtype, V):
+    """The row kernel (interpreted on CPU) against its reference twin: row losses, the gradient it writes
+    over the logits, ignored rows, large logits (the online max must not overflow)."""
+    logits = (torch.randn(7, V, device=DEV) * 4).to(dtype)
+    logits[2, V // 3] = 60.0  # exp would overflow in fp16 and bf16 without the max taken out
+    targets = torch.randint(0, V, (7,), device=DEV)
+    targets[[0, 5]] = -1
+    n = (targets != -1).sum()
+    want_logits, got_logits = logits.clone(), logits.clone()
+    want = kernels.cross_entropy_rows_ref(want_logits, targets, n, True)
+    got = kernels.cross_entropy_rows_triton(got_logits, targets, n, True)
+    assert got[[0, 5]].abs().max() == 0 and got_logits[[0, 5]].abs().max() == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ulp = torch.finfo(dtype).eps  # the exps differ by the rounding of lse (two ways of summing) times |x - lse|
+    want_g = want_logits.float()
+    torch.testing.assert_close(got_logits.float(), want_g, rtol=max(2 * ulp, 1e-5), atol=2 * ulp * want_g.abs().max())
+    untouched = logits.clone()
+    assert torch.equal(kernels.cross_entropy_rows_triton(untouched, targets, n, False), got)
+    assert torch.equal(untouched, logits)  # need_grad False leaves the logits alone
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_linear_cross_entropy_matches_autograd(dtype, tol, monkeypatch):
+    """Loss and both gradients against lm_head + F.cross_entropy through autograd, over several chunks
+    with a short last one, and the same loss without grad (no gradients formed)."""
+    monkeypatch.setattr(kernels, "CE_CHUNK_ELEMS", 61 * 8)  # chunks of 8 rows: 37 = 4 x 8 + 5
+    x, w, targets = ce_case(37, 61, 16, dtype, "cpu")
+    want = ce_grads(plain_ce, x, w, targets)
+    got = ce_grads(kernels.linear_cross_entropy, x, w, targets)
+    for g, r in zip(got, want):
+        assert rel(g, r) < tol
+    with torch.no_grad():
+        loss, dx, dw = kernels._linear_ce(x, w, targets, dtype, False)
+    assert rel(loss, want[0]) < tol and dx.numel() == dw.numel() == 0
+
+
+def test_linear_cross_entropy_all_ignored():
+    """No target at all: loss 0 and zero gradients (F.cross_entropy would give nan)."""
+    x, w, targets = ce_case(5, 61, 16, torch.float32, "cpu")
+    loss, dx, dw = ce_grads(kernels.linear_cross_entropy, x, w, torch.full_like(targets, -1))
+    assert loss == 0 and dx.abs().max() == 0 and dw.abs().max() == 0
+
+
+def test_linear_cross_entropy_opcheck():
+    x, w, targets = ce_case(9, 61, 16, torch.float32, DEV)
+    torch.library.opcheck(kernels._linear_ce, (x, w, targets, torch.float32, True))
+    torch.library.opcheck(kernels._linear_ce, (x.detach(), w.detach(), targets, torch.float32, False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_linear_cross_entropy_real_size_cuda():
+    """bf16 matmuls at the vocabulary of gpt2 over several chunks: loss and gradients against fp64, no
+    further off than lm_head + F.cross_entropy under the same bf16 autocast."""
+    x, w, targets = ce_case(4096, 50264, 256, torch.float32, "cuda", ignore=range(0, 4096, 7))
+    truth = ce_grads(plain_ce, x.double(), w.double(), targets)
+    with torch.autocast("cuda", torch.bfloat16):
+        own = ce_grads(plain_ce, x, w, targets)
+        got = ce_grads(lambda *a: kernels.linear_cross_entropy(*a, torch.bfloat16), x, w, targets)
+    for name, g, o, t in zip(("loss", "dx", "dw"), got, own, truth):
+        assert rel(g, t) <= 2 * rel(o, t) + 1e-6, name
 
 
 # =============================================================================
