@@ -30,7 +30,9 @@ references at d_inner = --widths on batch_size rows of seq_len, pos from the pac
 with triton.testing.do_bench (median; it flushes L2 between calls). "% floor" = floor ms / ms, where
 the floor = bytes that must move (each input read once, each output written once; the backward reads
 the inputs and dout and writes every gradient) / the device-to-device copy bandwidth of this run.
-The references loop over tokens in Python: they are timed on one row only, with few repeats.
+The kernels' forward + backward calls their forward and backward ops directly, as a compiled block
+does (through the autograd engine, one op alone would time mostly the host); the references' goes
+through autograd. The references loop over tokens in Python: they are timed on one row only, few times.
 On CPU the ops are the references themselves and timed with perf_counter (a test of this script only).
 """
 import argparse
@@ -321,6 +323,19 @@ def op_inputs(op, Bb, L, D, pos, device):
             torch.ones(D, device=device), rand(Bb, L, D), rand(D, dtype=torch.float32, scale=0.5) - 4, pos]
 
 
+def forward_backward_ops(op, inputs, dout):
+    """The op's forward and backward custom ops called directly, without the autograd engine between them:
+    the GPU work of one training step's op. (One op alone through autograd times mostly the host's hand-off
+    to the engine and back, ~0.5 ms for the conv; notes/perf.md.)"""
+    if op == "conv":
+        x, weight, bias, pos = inputs
+        kernels._conv1d_fwd(x, weight, bias, pos, True)
+        kernels._conv1d_bwd(dout, x, weight, bias, pos, True)
+    else:  # u, delta, A, B, C, D, z, delta_bias, pos
+        _, states = kernels._scan_fwd(*inputs, True)
+        kernels._scan_bwd(dout, *inputs, states, True)
+
+
 def bench_ops(args, device, docs, eot):
     B, L = args.batch_size, args.seq_len
     tokens, cu = pack.pack_documents(docs, L, eot, rng=np.random.default_rng(0))
@@ -349,9 +364,12 @@ def bench_ops(args, device, docs, eot):
                     fwd_bytes = nbytes(*inputs, out)
                     bwd_bytes = nbytes(*inputs, dout, *grads)
                     fwd_ms = time_ms(lambda: fn(*inputs), device, quick=impl == "ref")  # no grads required yet
-                    for t in grads:
-                        t.requires_grad_(True)
-                    fb_ms = time_ms(lambda: fn(*inputs).backward(dout), device, grads, quick=impl == "ref")
+                    if impl == "kernels":  # the forward and backward ops themselves, as a compiled block calls them
+                        fb_ms = time_ms(lambda: forward_backward_ops(op, inputs, dout), device)
+                    else:
+                        for t in grads:
+                            t.requires_grad_(True)
+                        fb_ms = time_ms(lambda: fn(*inputs).backward(dout), device, grads, quick=True)
                     theirs = REF_OPS_MS.get((op, D))
                     for passes, ms, nb in (("fwd", fwd_ms, fwd_bytes), ("fwd+bwd", fb_ms, fwd_bytes + bwd_bytes)):
                         floor_ms = 1e3 * nb / bandwidth
