@@ -1470,7 +1470,7 @@ def _linear_ce_setup(ctx, inputs, output):
 
 def _linear_ce_backward(ctx, dloss, ddx, ddw):
     dx, dw = ctx.saved_tensors
-    return dx * dloss, (dw * dloss).to(dw.dtype), None, None, None
+    return dx * dloss, dw * dloss, None, None, None
 
 
 _linear_ce.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
