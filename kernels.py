@@ -11,7 +11,9 @@ Every op has a pure PyTorch reference twin (`*_ref`, same signature). The public
 functions `causal_conv1d` and `selective_scan` are torch custom ops (fake
 kernels, autograd, backward ops of their own) so torch.compile(fullgraph=True)
 traces through them: CUDA tensors run the Triton kernels below, CPU tensors run
-the reference.
+the reference. At the end of the file, the LM head's loss, `linear_cross_entropy`
+(the lm_head matmul and cross-entropy a chunk of rows at a time, never the whole
+logits), is a custom op of the same kind.
 
 Checked by test_pack.py (on a GPU: python -m pytest -q -k "cuda or real_size"), timed by
 python bench.py --ops and the scripts in notes/ (notes/scan_time.py: the default configuration);

@@ -238,7 +238,7 @@ class MambaLM(nn.Module):
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x), None  # (B, L, V)
-        x, targets = x.view(-1, x.size(-1)), targets.view(-1)  # (B*L, d_model), (B*L,)
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (B*L, d_model), (B*L,)
         if self.cfg.ops == "ref":
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
