@@ -206,7 +206,7 @@ def bench_model(args, device, docs, vocab_size, eot, source):
     if compile_mode == "blocks":  # each Block compiled on its own: one graph serves all layers, far quicker
         for layer in model.layers:
             layer.compile()
-        model.head = torch.compile(model.head)  # and the head (norm, lm_head, loss): one fused loss kernel
+        model.head = torch.compile(model.head)  # and the head: final norm, lm_head + loss (a custom op)
     gpu = torch.cuda.get_device_name() if device == "cuda" else ""
     peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in gpu), None)
     print(f"model {args.preset}: {model.num_params() / 1e6:.1f}M parameters, {model.flops_per_token() / 1e9:.2f} "

@@ -540,9 +540,11 @@ def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps):
     one segment per program, 2 rows loaded ahead, BLOCK_L = 128 tokens, halved (down to 32)
     while the grid has under 1024 programs (e.g. D = 1536).
 
-    Chosen from the offline sm_90 compile, not from timing: with 16-byte vectors the backward
-    needs ~230 registers (8 warps/SM), with 8-byte ones ~120 (16 warps/SM); the bytes in flight
-    per SM are about equal, the smaller tile fills the GPU at smaller D. Sweep on the GPU.
+    Chosen from the offline sm_90 compile: with 16-byte vectors the backward needs ~240 registers
+    (8 warps/SM), with 8-byte ones 128 (16 warps/SM); the bytes in flight per SM are about equal, the
+    smaller tile fills the GPU at smaller D. Timed on an H200 only at D = 5120 so far, where BLOCK_L 64
+    beat 128 (0.340 vs 0.364 ms fwd + bwd: 1,280 programs are 2.4 waves; notes/perf.md), not yet the
+    default.
     """
     B, L, D = x.shape
     num_warps = 4 if num_warps is None else num_warps
@@ -575,9 +577,9 @@ def _check(x, weight, bias, pos):
 def conv1d_fwd_triton(x, weight, bias, pos, activation, *, BLOCK_L=None, BLOCK_D=None, ROWS=None,
                       AHEAD=None, UNROLL=None, num_warps=None):
     """x (B, L, D) any strides, weight (D, W), bias (D,) or None, pos (B, L) int32 or None -> (B, L, D) contiguous.
-    UNROLL: token steps per loop iteration. Unrolled twice, the offline sm_90 compile drops the loop from
-    95 to 79 instructions per token (packed) but needs 70 registers instead of 64, fewer warps per SM;
-    the default keeps the occupancy (untimed; sweep on the GPU)."""
+    UNROLL: token steps per loop iteration, 1 by default. Unrolled twice, the offline sm_90 compile drops the
+    loop from 95 to 79 instructions per token (packed) but needs 70 registers instead of 64, fewer warps per
+    SM: on an H200 at 4096, 0.117 against 0.099 ms (notes/perf.md)."""
     B, L, D, W = _check(x, weight, bias, pos)
     BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps)
     UNROLL = 1 if UNROLL is None else UNROLL
@@ -605,7 +607,7 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
     """Gradients of conv1d_fwd_triton: (dx (B, L, D) contiguous, dweight (D, W), dbias (D,) or None).
     UNROLL (token steps per loop iteration) 2 by default: in the offline sm_90 compile it saves the register
     copies of the sliding windows and queues (165 -> 144 instructions per token, packed) for 4 more
-    registers, 128, still 16 warps per SM."""
+    registers, 128, still 16 warps per SM; on an H200 at 4096, 0.159 against 0.201 ms unrolled once."""
     B, L, D, W = _check(x, weight, bias, pos)
     assert dout.shape == x.shape
     BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps)
@@ -1454,7 +1456,7 @@ def _linear_ce(x: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype,
             if need_grad:  # logits now hold their gradient
                 dx[s:s + rows] = logits @ w
                 dw += logits.t() @ xc
-    return (loss / n).to(acc), dx, dw
+    return loss / n, dx, dw
 
 
 @_linear_ce.register_fake
