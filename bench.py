@@ -26,10 +26,12 @@ Random documents use token ids below vocab_size - 1 and EOT = vocab_size - 1 (as
 byte encoding do). Results go to --out (JSON, with the environment) and a PNG chart next to it.
 
 --ops times kernels.causal_conv1d and kernels.selective_scan (Triton on CUDA) and their PyTorch
-references at d_inner = --widths on batch_size rows of seq_len, pos from the packed documents or None,
-with triton.testing.do_bench (median; it flushes L2 between calls). "% floor" = floor ms / ms, where
-the floor = bytes that must move (each input read once, each output written once; the backward reads
-the inputs and dout and writes every gradient) / the device-to-device copy bandwidth of this run.
+references at d_inner = --widths on batch_size rows of seq_len, pos from the packed documents or None.
+The kernels are timed on the GPU alone (gpu_ms: CUDA graphs, L2 flushed before every call, as the CUDA
+figures were), the references with triton.testing.do_bench (median, L2 flushed).
+"% floor" = floor ms / ms, where the floor = bytes that must move (each input read once, each output
+written once; the backward reads the inputs and dout and writes every gradient) / the device-to-device
+copy bandwidth of this run.
 The kernels' forward + backward calls their forward and backward ops directly, as a compiled block
 does (through the autograd engine, one op alone would time mostly the host); the references' goes
 through autograd. The references loop over tokens in Python: they are timed on one row only, few times.
@@ -311,6 +313,33 @@ def time_ms(fn, device, grads=(), quick=False):
     return 1e3 * statistics.median(ts)
 
 
+def gpu_ms(fn, target_ms=50.0):
+    """GPU time of fn in ms without the host, L2 flushed before every call: fn's kernels, as a compiled
+    model's CUDA graph or a busy GPU queue runs them. Two CUDA graphs, n x (flush, fn) and n x flush, each
+    replayed 5 times; the difference of the medians / n. (do_bench times from the host's first launch, so
+    a kernel shorter than its Python launcher times the launcher: 0.1 ms kernels measured 0.1 to 0.3 ms.)"""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # as do_bench's L2 flush
+    fn()  # compiles the kernels outside the capture
+    n = max(1, min(500, round(target_ms / triton.testing.do_bench(fn, warmup=1, rep=1))))
+
+    def replay_ms(body):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                body()
+        ts = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            ts.append(start.elapsed_time(end))
+        return statistics.median(ts)
+
+    return (replay_ms(lambda: (flush.zero_(), fn())) - replay_ms(flush.zero_)) / n
+
+
 def op_inputs(op, Bb, L, D, pos, device):
     """Inputs of one op as the model feeds them under bf16 autocast (conv weights fp32, A/D/delta_bias fp32)."""
     g = torch.Generator(device).manual_seed(0)
@@ -363,10 +392,14 @@ def bench_ops(args, device, docs, eot):
                     dout = torch.randn_like(out)
                     fwd_bytes = nbytes(*inputs, out)
                     bwd_bytes = nbytes(*inputs, dout, *grads)
-                    fwd_ms = time_ms(lambda: fn(*inputs), device, quick=impl == "ref")  # no grads required yet
-                    if impl == "kernels":  # the forward and backward ops themselves, as a compiled block calls them
+                    if impl == "kernels" and device == "cuda":  # GPU time; the ops as a compiled block calls them
+                        fwd_ms = gpu_ms(lambda: fn(*inputs))
+                        fb_ms = gpu_ms(lambda: forward_backward_ops(op, inputs, dout))
+                    elif impl == "kernels":
+                        fwd_ms = time_ms(lambda: fn(*inputs), device)
                         fb_ms = time_ms(lambda: forward_backward_ops(op, inputs, dout), device)
                     else:
+                        fwd_ms = time_ms(lambda: fn(*inputs), device, quick=True)  # no grads required yet
                         for t in grads:
                             t.requires_grad_(True)
                         fb_ms = time_ms(lambda: fn(*inputs).backward(dout), device, grads, quick=True)
