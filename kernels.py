@@ -535,26 +535,25 @@ def _conv1d_bwd_kernel(
 # Triton causal conv1d: launchers
 
 
-def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps):
+def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, default_block_l):
     """Defaults: 8 bytes of channels per thread (4 bf16 / 2 fp32), 4 warps side by side along D,
-    one segment per program, 2 rows loaded ahead, BLOCK_L = 128 tokens, halved (down to 32)
-    while the grid has under 1024 programs (e.g. D = 1536).
+    one segment per program, 2 rows loaded ahead, BLOCK_L = default_block_l tokens (the forward 64,
+    the backward 128).
 
-    Chosen from the offline sm_90 compile: with 16-byte vectors the backward needs ~240 registers
+    Tile width from the offline sm_90 compile: with 16-byte vectors the backward needs ~240 registers
     (8 warps/SM), with 8-byte ones 128 (16 warps/SM); the bytes in flight per SM are about equal, the
-    smaller tile fills the GPU at smaller D. Timed on an H200 only at D = 5120 so far, where BLOCK_L 64
-    beat 128 (0.340 vs 0.364 ms fwd + bwd: 1,280 programs are 2.4 waves; notes/perf.md), not yet the
-    default.
+    smaller tile fills the GPU at smaller D. BLOCK_L, AHEAD, ROWS, num_warps and UNROLL were swept on
+    an H200 at D = 1536, 4096 and 5120 (8 x 2048, GPU time; notes/perf.md, conv_sweep2_h200.json):
+    the forward unrolled twice at BLOCK_L 64 was best or within 3% of it at every width, the
+    backward at BLOCK_L 128 likewise (even at D = 1536, where its 384 programs do not fill the GPU:
+    fewer programs along tokens also means fewer partial weight sums to write and add).
     """
     B, L, D = x.shape
     num_warps = 4 if num_warps is None else num_warps
     BLOCK_D = 32 * num_warps * max(1, 8 // x.element_size()) if BLOCK_D is None else BLOCK_D
     ROWS = 1 if ROWS is None else ROWS
     AHEAD = 2 if AHEAD is None else AHEAD
-    if BLOCK_L is None:
-        BLOCK_L = 128
-        while BLOCK_L > 32 and B * triton.cdiv(L, BLOCK_L) * triton.cdiv(D, BLOCK_D) < 1024:
-            BLOCK_L //= 2
+    BLOCK_L = default_block_l if BLOCK_L is None else BLOCK_L
     assert BLOCK_L % ROWS == 0, "BLOCK_L must be a multiple of ROWS"
     assert 1 <= AHEAD <= 3, "AHEAD (rows loaded ahead) must be 1, 2 or 3"
     return BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps
@@ -577,12 +576,12 @@ def _check(x, weight, bias, pos):
 def conv1d_fwd_triton(x, weight, bias, pos, activation, *, BLOCK_L=None, BLOCK_D=None, ROWS=None,
                       AHEAD=None, UNROLL=None, num_warps=None):
     """x (B, L, D) any strides, weight (D, W), bias (D,) or None, pos (B, L) int32 or None -> (B, L, D) contiguous.
-    UNROLL: token steps per loop iteration, 1 by default. Unrolled twice, the offline sm_90 compile drops the
-    loop from 95 to 79 instructions per token (packed) but needs 70 registers instead of 64, fewer warps per
-    SM: on an H200 at 4096, 0.117 against 0.099 ms (notes/perf.md)."""
+    UNROLL: token steps per loop iteration, 2 by default: the offline sm_90 compile drops the loop from 95 to
+    79 instructions per token (packed) for 70 registers instead of 64; on an H200 at BLOCK_L 64, 0.040 /
+    0.099 / 0.112 ms at D = 1536 / 4096 / 5120 against 0.046 / 0.099 / 0.133 unrolled once (notes/perf.md)."""
     B, L, D, W = _check(x, weight, bias, pos)
-    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps)
-    UNROLL = 1 if UNROLL is None else UNROLL
+    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, 64)
+    UNROLL = 2 if UNROLL is None else UNROLL
     out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)  # (B, L, D)
     n_lblocks = triton.cdiv(L, BLOCK_L)
     grid = (B * n_lblocks, triton.cdiv(D, BLOCK_D))
@@ -610,7 +609,7 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
     registers, 128, still 16 warps per SM; on an H200 at 4096, 0.159 against 0.201 ms unrolled once."""
     B, L, D, W = _check(x, weight, bias, pos)
     assert dout.shape == x.shape
-    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps)
+    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, 128)
     UNROLL = 2 if UNROLL is None else UNROLL
     dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)  # (B, L, D)
     n_lblocks = triton.cdiv(L, BLOCK_L)
