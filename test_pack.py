@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
 
 import pytest
 import tiktoken
+import triton.testing
 
 import bench
 import kernels
@@ -1138,3 +1139,14 @@ def test_ops_mode(tmp_path, capsys):
                     for s in ("fwd", "fwd+bwd")}
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert "% floor" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_ms_cuda():
+    """bench.gpu_ms agrees with do_bench where the host cannot matter (a 256 MB copy, ~0.13 ms of GPU time,
+    one launch); leaving out the flush's subtraction would add ~50% (a 256 MB zero), the / n would be off n-fold."""
+    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    graph_ms = bench.gpu_ms(lambda: dst.copy_(src))
+    host_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    assert 0.85 < graph_ms / host_ms < 1.15, (graph_ms, host_ms)
