@@ -544,7 +544,7 @@ def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, default_block_l
     (8 warps/SM), with 8-byte ones 128 (16 warps/SM); the bytes in flight per SM are about equal, the
     smaller tile fills the GPU at smaller D. BLOCK_L, AHEAD, ROWS, num_warps and UNROLL were swept on
     an H200 at D = 1536, 4096 and 5120 (8 x 2048, GPU time; notes/perf.md, conv_sweep2_h200.json):
-    the forward unrolled twice at BLOCK_L 64 was best or within 3% of it at every width, the
+    the forward unrolled twice at BLOCK_L 64 was best or within 4% of it at every width, the
     backward at BLOCK_L 128 likewise (even at D = 1536, where its 384 programs do not fill the GPU:
     fewer programs along tokens also means fewer partial weight sums to write and add).
     """
