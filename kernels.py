@@ -548,7 +548,6 @@ def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, default_block_l
     backward at BLOCK_L 128 likewise (even at D = 1536, where its 384 programs do not fill the GPU:
     fewer programs along tokens also means fewer partial weight sums to write and add).
     """
-    B, L, D = x.shape
     num_warps = 4 if num_warps is None else num_warps
     BLOCK_D = 32 * num_warps * max(1, 8 // x.element_size()) if BLOCK_D is None else BLOCK_D
     ROWS = 1 if ROWS is None else ROWS
