@@ -573,11 +573,15 @@ def _check(x, weight, bias, pos):
 
 
 def conv1d_fwd_triton(x, weight, bias, pos, activation, *, BLOCK_L=None, BLOCK_D=None, ROWS=None,
-                      AHEAD=None, UNROLL=None, num_warps=None):
+                      AHEAD=None, UNROLL=None, num_warps=None, maxnreg=64):
     """x (B, L, D) any strides, weight (D, W), bias (D,) or None, pos (B, L) int32 or None -> (B, L, D) contiguous.
     UNROLL: token steps per loop iteration, 2 by default: the offline sm_90 compile drops the loop from 95 to
     79 instructions per token (packed) for 70 registers instead of 64; on an H200 at BLOCK_L 64, 0.040 /
-    0.099 / 0.112 ms at D = 1536 / 4096 / 5120 against 0.046 / 0.099 / 0.133 unrolled once (notes/perf.md)."""
+    0.099 / 0.112 ms at D = 1536 / 4096 / 5120 against 0.046 / 0.099 / 0.133 unrolled once (notes/perf.md).
+    maxnreg: registers per thread at most, 64 by default, so that 8 programs of 4 warps fit an SM with pos as they
+    do without it. Uncapped, pos takes 70 (the tap masks near document starts, the queue of pos values), 7
+    programs fit, and the 2048 programs at D = 4096 (8 x 2048) run in 3 waves instead of 2: on an H200 0.097
+    ms against 0.083 without pos. Capped, ptxas keeps 8 bytes on the stack: one L1 load per two tokens."""
     B, L, D, W = _check(x, weight, bias, pos)
     BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, 64)
     UNROLL = 2 if UNROLL is None else UNROLL
@@ -595,7 +599,7 @@ def conv1d_fwd_triton(x, weight, bias, pos, activation, *, BLOCK_L=None, BLOCK_D
         *out.stride(),
         W=W, HAS_BIAS=bias is not None, HAS_POS=pos is not None, ACTIVATION=bool(activation),
         BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ROWS=ROWS, AHEAD=AHEAD, UNROLL=UNROLL,
-        FAST_SIGMOID=_fast_sigmoid(), num_warps=num_warps,
+        FAST_SIGMOID=_fast_sigmoid(), num_warps=num_warps, maxnreg=maxnreg,
     )
     return out
 
