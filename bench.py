@@ -392,12 +392,10 @@ def bench_ops(args, device, docs, eot):
                     dout = torch.randn_like(out)
                     fwd_bytes = nbytes(*inputs, out)
                     bwd_bytes = nbytes(*inputs, dout, *grads)
-                    if impl == "kernels" and device == "cuda":  # GPU time; the ops as a compiled block calls them
-                        fwd_ms = gpu_ms(lambda: fn(*inputs))
-                        fb_ms = gpu_ms(lambda: forward_backward_ops(op, inputs, dout))
-                    elif impl == "kernels":
-                        fwd_ms = time_ms(lambda: fn(*inputs), device)
-                        fb_ms = time_ms(lambda: forward_backward_ops(op, inputs, dout), device)
+                    if impl == "kernels":  # the ops as a compiled block calls them; on CUDA the GPU's time alone
+                        timed = gpu_ms if device == "cuda" else lambda f: time_ms(f, device)
+                        fwd_ms = timed(lambda: fn(*inputs))
+                        fb_ms = timed(lambda: forward_backward_ops(op, inputs, dout))
                     else:
                         fwd_ms = time_ms(lambda: fn(*inputs), device, quick=True)  # no grads required yet
                         for t in grads:
