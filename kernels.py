@@ -19,6 +19,7 @@ Checked by test_pack.py (on a GPU: python -m pytest -q -k "cuda or real_size"), 
 python bench.py --ops and the scripts in notes/ (notes/scan_time.py: the default configuration);
 the numbers are in notes/perf.md.
 """
+import math
 from typing import Optional
 
 import torch
@@ -535,27 +536,61 @@ def _conv1d_bwd_kernel(
 # Triton causal conv1d: launchers
 
 
-def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, default_block_l):
+# The token tile of each kernel: the BLOCK_L and register cap swept best on an H200 at 8 x 2048 tokens
+# (nreg: the registers it then compiles to, triton 3.6), the cap a badly filled grid gets instead, and a
+# program's fixed cost in token steps. See _token_tile.
+_FWD_TILE = dict(block_l=64, maxnreg=64, nreg=64, capped=64, setup_steps=16)
+_BWD_TILE = dict(block_l=128, maxnreg=None, nreg=128, capped=96, setup_steps=32)
+
+
+def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, maxnreg, tile):
     """Defaults: 8 bytes of channels per thread (4 bf16 / 2 fp32), 4 warps side by side along D,
-    one segment per program, 2 rows loaded ahead, BLOCK_L = default_block_l tokens (the forward 64,
-    the backward 128).
+    one segment per program, 2 rows loaded ahead, BLOCK_L and the register cap from _token_tile.
 
     Tile width from the offline sm_90 compile: with 16-byte vectors the backward needs ~240 registers
     (8 warps/SM), with 8-byte ones 128 (16 warps/SM); the bytes in flight per SM are about equal, the
-    smaller tile fills the GPU at smaller D. BLOCK_L, AHEAD, ROWS, num_warps and UNROLL were swept on
-    an H200 at D = 1536, 4096 and 5120 (8 x 2048, GPU time; notes/perf.md, conv_sweep2_h200.json):
-    the forward unrolled twice at BLOCK_L 64 was best or within 4% of it at every width, the
-    backward at BLOCK_L 128 likewise (even at D = 1536, where its 384 programs do not fill the GPU:
-    fewer programs along tokens also means fewer partial weight sums to write and add).
+    smaller tile fills the GPU at smaller D. AHEAD, ROWS, num_warps and UNROLL were swept on an H200
+    at D = 1536, 4096 and 5120 (8 x 2048, GPU time; notes/perf.md, conv_sweep2_h200.json): none of
+    them moved the time by more than noise, except UNROLL (2 is best in both kernels).
     """
     num_warps = 4 if num_warps is None else num_warps
     BLOCK_D = 32 * num_warps * max(1, 8 // x.element_size()) if BLOCK_D is None else BLOCK_D
     ROWS = 1 if ROWS is None else ROWS
     AHEAD = 2 if AHEAD is None else AHEAD
-    BLOCK_L = default_block_l if BLOCK_L is None else BLOCK_L
+    if BLOCK_L is None:
+        B, L, D = x.shape
+        BLOCK_L, cap = _token_tile(x.device, B, L, triton.cdiv(D, BLOCK_D), num_warps, tile)
+        maxnreg = cap if maxnreg is None else maxnreg
+    elif maxnreg is None:
+        maxnreg = tile["maxnreg"]
     assert BLOCK_L % ROWS == 0, "BLOCK_L must be a multiple of ROWS"
     assert 1 <= AHEAD <= 3, "AHEAD (rows loaded ahead) must be 1, 2 or 3"
-    return BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps
+    return BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, maxnreg
+
+
+def _token_tile(device, B, L, n_dblocks, num_warps, tile):
+    """(BLOCK_L, maxnreg) for a grid of B x cdiv(L, BLOCK_L) x n_dblocks programs. A kernel takes about its
+    number of waves times one program's time, a wave being every SM full: 65,536 registers per SM over
+    registers x 32 x num_warps per program. The swept default tile stays where its waves are at least 90%
+    full (at 8 x 2048: D = 4096). Otherwise a grid just over a wave runs a second wave almost empty (5120:
+    2.4 waves) and one under a wave leaves SMs idle (1536: 0.7), so the registers are capped at
+    tile["capped"] (the backward: 5 programs per SM instead of 4) and BLOCK_L is the multiple of 16 from
+    32 to 128 (the range swept) with the fewest waves x (BLOCK_L + setup_steps) token steps, the longer
+    on a tie. setup_steps (16 forward, 32 backward: the weights, window and queue loaded before the first
+    step; the backward's W-1 lookahead steps and partial sums) fit the times of a BLOCK_L sweep best
+    (conv_wave_h200.json). At 8 x 2048 this picks the forward's 48 / 64 / 80 and the backward's 80 / 128
+    / 128 (capped / default / capped) at D = 1536 / 4096 / 5120, the best of the sweep at each but 4096,
+    where the cap costs the backward ~3% (conv_rule_h200.json, notes/perf.md)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+    def waves(block_l, nreg):
+        return B * triton.cdiv(L, block_l) * n_dblocks / (sms * max(1, 65536 // (nreg * 32 * num_warps)))
+
+    w = waves(tile["block_l"], tile["nreg"])
+    if w >= 0.9 * math.ceil(w):
+        return tile["block_l"], tile["maxnreg"]
+    cost = lambda block_l: (math.ceil(waves(block_l, tile["capped"])) * (block_l + tile["setup_steps"]), -block_l)
+    return min(range(32, 129, 16), key=cost), tile["capped"]
 
 
 def _fast_sigmoid():
@@ -573,17 +608,18 @@ def _check(x, weight, bias, pos):
 
 
 def conv1d_fwd_triton(x, weight, bias, pos, activation, *, BLOCK_L=None, BLOCK_D=None, ROWS=None,
-                      AHEAD=None, UNROLL=None, num_warps=None, maxnreg=64):
+                      AHEAD=None, UNROLL=None, num_warps=None, maxnreg=None):
     """x (B, L, D) any strides, weight (D, W), bias (D,) or None, pos (B, L) int32 or None -> (B, L, D) contiguous.
     UNROLL: token steps per loop iteration, 2 by default: the offline sm_90 compile drops the loop from 95 to
     79 instructions per token (packed) for 70 registers instead of 64; on an H200 at BLOCK_L 64, 0.040 /
     0.099 / 0.112 ms at D = 1536 / 4096 / 5120 against 0.046 / 0.099 / 0.133 unrolled once (notes/perf.md).
-    maxnreg: registers per thread at most, 64 by default, so that 8 programs of 4 warps fit an SM with pos as they
-    do without it. Uncapped, pos takes 70 (the tap masks near document starts, the queue of pos values), 7
+    maxnreg: registers per thread at most; None: chosen with BLOCK_L (_token_tile), 64 at the default tile, so
+    that 8 programs of 4 warps fit an SM with pos as they do without it. Uncapped, pos takes 70 (the tap masks near document starts, the queue of pos values), 7
     programs fit, and the 2048 programs at D = 4096 (8 x 2048) run in 3 waves instead of 2: on an H200 0.097
     ms against 0.083 without pos. Capped, ptxas keeps 8 bytes on the stack: one L1 load per two tokens."""
     B, L, D, W = _check(x, weight, bias, pos)
-    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, 64)
+    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, maxnreg = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps,
+                                                                         maxnreg, _FWD_TILE)
     UNROLL = 2 if UNROLL is None else UNROLL
     out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)  # (B, L, D)
     n_lblocks = triton.cdiv(L, BLOCK_L)
@@ -605,14 +641,18 @@ def conv1d_fwd_triton(x, weight, bias, pos, activation, *, BLOCK_L=None, BLOCK_D
 
 
 def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, BLOCK_D=None, ROWS=None,
-                      AHEAD=None, UNROLL=None, num_warps=None):
+                      AHEAD=None, UNROLL=None, num_warps=None, maxnreg=None):
     """Gradients of conv1d_fwd_triton: (dx (B, L, D) contiguous, dweight (D, W), dbias (D,) or None).
     UNROLL (token steps per loop iteration) 2 by default: in the offline sm_90 compile it saves the register
     copies of the sliding windows and queues (165 -> 144 instructions per token, packed) for 4 more
-    registers, 128, still 16 warps per SM; on an H200 at 4096, 0.159 against 0.201 ms unrolled once."""
+    registers, 128, still 16 warps per SM; on an H200 at 4096, 0.159 against 0.201 ms unrolled once.
+    maxnreg: registers per thread at most; None: chosen with BLOCK_L (_token_tile): uncapped at the default
+    tile, 96 for grids that fill their waves badly (no spills offline, 4% more instructions, 5 programs
+    per SM instead of 4)."""
     B, L, D, W = _check(x, weight, bias, pos)
     assert dout.shape == x.shape
-    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, 128)
+    BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, maxnreg = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps,
+                                                                         maxnreg, _BWD_TILE)
     UNROLL = 2 if UNROLL is None else UNROLL
     dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)  # (B, L, D)
     n_lblocks = triton.cdiv(L, BLOCK_L)
@@ -628,7 +668,7 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
         *dout.stride(), *dx.stride(),
         W=W, HAS_BIAS=bias is not None, HAS_POS=pos is not None, ACTIVATION=bool(activation),
         BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ROWS=ROWS, AHEAD=AHEAD, UNROLL=UNROLL,
-        FAST_SIGMOID=_fast_sigmoid(), num_warps=num_warps,
+        FAST_SIGMOID=_fast_sigmoid(), num_warps=num_warps, maxnreg=maxnreg,
     )
     sums = part.sum(0)  # (W+1, D) fp32, fixed reduction order
     dweight = sums[:W].t().contiguous().to(weight.dtype)  # (D, W)

@@ -396,6 +396,22 @@ def test_tile_configs(tiles):
     check(x, weight, bias, pos_from_lengths(LAYOUTS["edges"][:1]), True, tiles=tiles)
 
 
+def test_token_tile(monkeypatch):
+    """The conv's token tile on an H200's 132 SMs at 8 x 2048 tokens: the sweep's default where the grid fills its
+    waves (D = 4096), else a capped tile that does (conv_rule_h200.json); any grid gets a multiple of 16 in 32..128."""
+    class H200:
+        multi_processor_count = 132
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: H200())
+    cuda = torch.device("cuda")
+    picks = {D: [kernels._token_tile(cuda, 8, 2048, D // 512, 4, t) for t in (kernels._FWD_TILE, kernels._BWD_TILE)]
+             for D in (1536, 4096, 5120)}
+    assert picks == {1536: [(48, 64), (80, 96)], 4096: [(64, 64), (128, None)], 5120: [(80, 64), (128, 96)]}
+    for Bb, L, n_dblocks in ((1, 7, 1), (3, 1000, 5), (64, 4096, 16)):
+        for tile in (kernels._FWD_TILE, kernels._BWD_TILE):
+            block_l, _ = kernels._token_tile(cuda, Bb, L, n_dblocks, 4, tile)
+            assert block_l % 16 == 0 and 32 <= block_l <= 128
+
+
 def test_fp64_inputs():
     """fp64 is computed in fp32 inside the kernels: compare at fp32 tolerance."""
     x, weight, bias = inputs(3, True, dtype=torch.float64)
