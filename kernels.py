@@ -572,15 +572,16 @@ def _token_tile(device, B, L, n_dblocks, num_warps, tile):
     """(BLOCK_L, maxnreg) for a grid of B x cdiv(L, BLOCK_L) x n_dblocks programs. A kernel takes about its
     number of waves times one program's time, a wave being every SM full: 65,536 registers per SM over
     registers x 32 x num_warps per program. The swept default tile stays where its waves are at least 90%
-    full (at 8 x 2048: D = 4096). Otherwise a grid just over a wave runs a second wave almost empty (5120:
-    2.4 waves) and one under a wave leaves SMs idle (1536: 0.7), so the registers are capped at
-    tile["capped"] (the backward: 5 programs per SM instead of 4) and BLOCK_L is the multiple of 16 from
-    32 to 128 (the range swept) with the fewest waves x (BLOCK_L + setup_steps) token steps, the longer
-    on a tie. setup_steps (16 forward, 32 backward: the weights, window and queue loaded before the first
-    step; the backward's W-1 lookahead steps and partial sums) fit the times of a BLOCK_L sweep best
-    (conv_wave_h200.json). At 8 x 2048 this picks the forward's 48 / 64 / 80 and the backward's 80 / 128
-    / 128 (capped / default / capped) at D = 1536 / 4096 / 5120, the best of the sweep at each but 4096,
-    where the cap costs the backward ~3% (conv_rule_h200.json, notes/perf.md)."""
+    full (at 8 x 2048: D = 4096; there the search below picked a capped backward at BLOCK_L 112 that was
+    3% slower, the cap costing more than the shorter programs gained). Otherwise a grid just over a wave
+    runs a second wave almost empty (5120: 2.4 waves) and one under a wave leaves SMs idle (1536: 0.7), so
+    the registers are capped at tile["capped"] (the backward: 5 programs per SM instead of 4) and BLOCK_L
+    is the multiple of 16 from 32 to 128 (the range swept) with the fewest waves x (BLOCK_L + setup_steps)
+    token steps, the longer on a tie. setup_steps (16 forward, 32 backward: the weights, window and queue
+    loaded before the first step; the backward's W-1 lookahead steps and partial sums) fit the times of a
+    BLOCK_L sweep best. At 8 x 2048 this picks the forward's 48 / 64 / 80 and the backward's 80 / 128 /
+    128 (capped / default / capped) at D = 1536 / 4096 / 5120: the best of the sweep or within 1% of it,
+    but for the forward at 4096, where BLOCK_L 128 is 3% faster (notes/conv_tiles.py, notes/perf.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
     def waves(block_l, nreg):
@@ -613,10 +614,11 @@ def conv1d_fwd_triton(x, weight, bias, pos, activation, *, BLOCK_L=None, BLOCK_D
     UNROLL: token steps per loop iteration, 2 by default: the offline sm_90 compile drops the loop from 95 to
     79 instructions per token (packed) for 70 registers instead of 64; on an H200 at BLOCK_L 64, 0.040 /
     0.099 / 0.112 ms at D = 1536 / 4096 / 5120 against 0.046 / 0.099 / 0.133 unrolled once (notes/perf.md).
-    maxnreg: registers per thread at most; None: chosen with BLOCK_L (_token_tile), 64 at the default tile, so
-    that 8 programs of 4 warps fit an SM with pos as they do without it. Uncapped, pos takes 70 (the tap masks near document starts, the queue of pos values), 7
-    programs fit, and the 2048 programs at D = 4096 (8 x 2048) run in 3 waves instead of 2: on an H200 0.097
-    ms against 0.083 without pos. Capped, ptxas keeps 8 bytes on the stack: one L1 load per two tokens."""
+    maxnreg: registers per thread at most; None: chosen with BLOCK_L (_token_tile), always 64, so that 8
+    programs of 4 warps fit an SM with pos as they do without it. Uncapped, pos takes 70 (the tap masks near
+    document starts, the queue of pos values), 7 programs fit, and the 2048 programs at D = 4096 (8 x 2048)
+    run in 3 waves instead of 2: on an H200 0.097 ms against 0.083 without pos. Capped, ptxas keeps 8 bytes
+    on the stack: one L1 load per two tokens."""
     B, L, D, W = _check(x, weight, bias, pos)
     BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, maxnreg = _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps,
                                                                          maxnreg, _FWD_TILE)
