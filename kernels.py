@@ -237,11 +237,13 @@ def _push(q0, q1, q2, new, AHEAD: tl.constexpr):
 
 @triton.jit
 def _load_pos(pos_row, t, stride_pl, L, HAS_POS: tl.constexpr):
-    """pos[t] (ROWS,). Without boundaries the position is the token index itself."""
+    """pos[t] (ROWS, 1), in the layout of the (ROWS, BLOCK_D) tiles it masks: as a (ROWS,) vector the backward
+    loaded it twice per token, once per layout its uses need (offline sm_90, capped at 96 registers: 315 ->
+    306 instructions per 2 tokens on the common path). Without boundaries the position is the token index."""
     if HAS_POS:
-        return tl.load(pos_row + t.to(tl.int64) * stride_pl, mask=(t >= 0) & (t < L), other=0)
+        return tl.load((pos_row + t.to(tl.int64) * stride_pl)[:, None], mask=((t >= 0) & (t < L))[:, None], other=0)
     else:
-        return t
+        return t[:, None]
 
 
 @triton.jit
@@ -270,7 +272,7 @@ def _sigmoid(x, FAST: tl.constexpr):
 def _tap(v, pt, k: tl.constexpr, MASK: tl.constexpr):
     """v (x[t-k], or the weight that carries g[t] to dx[t-k]) as tap k sees it: zero where pos[t] < k if MASK."""
     if MASK:
-        return tl.where(pt[:, None] >= k, v, 0.0)
+        return tl.where(pt >= k, v, 0.0)
     else:
         return v
 
@@ -292,7 +294,7 @@ def _near_start(pt, W: tl.constexpr):
     masks. The tile takes or skips the masked code as a whole (a uniform branch), so the common token
     pays no select per tap and element. Without pos no token needs masks: the window holds zeros
     before the row start, which is exactly the reference's t >= k."""
-    return tl.min(pt, axis=0) < W - 1
+    return tl.min(pt) < W - 1
 
 
 @triton.jit
@@ -338,7 +340,7 @@ def _conv1d_fwd_kernel(
         pq2 = _load_pos(pos_row, t_seg + 2, stride_pl, L, HAS_POS)
 
     x_ahead = _rows_at(x_cols, t_seg + AHEAD, stride_xl)  # (ROWS, BLOCK_D) the row to load at step 0
-    p_ahead = pos_row + (t_seg + AHEAD).to(tl.int64) * stride_pl  # (ROWS,)
+    p_ahead = (pos_row + (t_seg + AHEAD).to(tl.int64) * stride_pl)[:, None]  # (ROWS, 1)
     o_ptrs = _rows_at(o_cols, t_seg, stride_ol)  # the row to store at step 0
     for i in tl.range(SEG, loop_unroll_factor=UNROLL):
         t = t_seg + i  # (ROWS,)
@@ -347,7 +349,7 @@ def _conv1d_fwd_kernel(
         xq0, xq1, xq2 = _push(xq0, xq1, xq2, tl.load(x_ahead, mask=ok[:, None] & dmask[None, :], other=0.0), AHEAD)
         x_ahead += stride_xl
         if HAS_POS:  # without pos nothing reads pt (see _near_start)
-            pq0, pq1, pq2 = _push(pq0, pq1, pq2, tl.load(p_ahead, mask=ok, other=0), AHEAD)
+            pq0, pq1, pq2 = _push(pq0, pq1, pq2, tl.load(p_ahead, mask=ok[:, None], other=0), AHEAD)
             p_ahead += stride_pl
 
         if HAS_POS:
@@ -493,7 +495,7 @@ def _conv1d_bwd_kernel(
     # of the segment's last W-1 tokens (their g is needed, their dw/db belong to the next segment).
     x_ahead = _rows_at(x_cols, t_seg + AHEAD, stride_xl)  # (ROWS, BLOCK_D) the rows to load at step 0
     g_ahead = _rows_at(g_cols, t_seg + AHEAD, stride_gl)
-    p_ahead = pos_row + (t_seg + AHEAD).to(tl.int64) * stride_pl  # (ROWS,)
+    p_ahead = (pos_row + (t_seg + AHEAD).to(tl.int64) * stride_pl)[:, None]  # (ROWS, 1)
     dx_ptrs = _rows_at(dx_cols, t_seg - (W - 1), stride_dxl)  # the row of dx to store at step 0
     for i in tl.range(SEG + W - 1, loop_unroll_factor=UNROLL):
         t = t_seg + i  # (ROWS,)
@@ -504,7 +506,7 @@ def _conv1d_bwd_kernel(
         x_ahead += stride_xl
         g_ahead += stride_gl
         if HAS_POS:  # without pos nothing reads pt (see _near_start)
-            pq0, pq1, pq2 = _push(pq0, pq1, pq2, tl.load(p_ahead, mask=ok, other=0), AHEAD)
+            pq0, pq1, pq2 = _push(pq0, pq1, pq2, tl.load(p_ahead, mask=ok[:, None], other=0), AHEAD)
             p_ahead += stride_pl
 
         c0, c1, c2, c3, dw0, dw1, dw2, dw3, db = _bwd_step(
