@@ -545,6 +545,12 @@ _FWD_TILE = dict(block_l=64, maxnreg=64, nreg=64, capped=64, setup_steps=16)
 _BWD_TILE = dict(block_l=128, maxnreg=None, nreg=128, capped=96, setup_steps=32)
 
 
+def _sm_count(device):
+    """Multiprocessors of a CUDA device, which the launchers fill in waves of programs; 1 for the
+    interpreter's CPU tensors."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _default_blocks(x, BLOCK_L, BLOCK_D, ROWS, AHEAD, num_warps, maxnreg, tile):
     """Defaults: 8 bytes of channels per thread (4 bf16 / 2 fp32), 4 warps side by side along D,
     one segment per program, 2 rows loaded ahead, BLOCK_L and the register cap from _token_tile.
@@ -584,7 +590,7 @@ def _token_tile(device, B, L, n_dblocks, num_warps, tile):
     BLOCK_L sweep best. At 8 x 2048 this picks the forward's 48 / 64 / 80 and the backward's 80 / 128 /
     128 (capped / default / capped) at D = 1536 / 4096 / 5120: the best of the sweep or within 1% of it,
     but for the forward at 4096, where BLOCK_L 128 is 3% faster (notes/conv_tiles.py, notes/perf.md)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _sm_count(device)
 
     def waves(block_l, nreg):
         return B * triton.cdiv(L, block_l) * n_dblocks / (sms * max(1, 65536 // (nreg * 32 * num_warps)))
@@ -1214,8 +1220,7 @@ def _segments(u, programs, segments, per_sm):
     H200 at 8 x 2048 tokens this picks forward 11 / 1 / 1 and backward 8 / 1 / 4 segments at d_inner
     1536 / 4096 / 5120, within 5% of the best of a sweep (notes/perf.md)."""
     n_chunks = _n_chunks(u.shape[1])
-    sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
-    slots = per_sm * sms
+    slots = per_sm * _sm_count(u.device)
 
     def cost(seg_chunks):
         n_seg = triton.cdiv(n_chunks, seg_chunks)
