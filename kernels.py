@@ -602,8 +602,9 @@ def _token_tile(device, B, L, n_dblocks, num_warps, tile):
     return min(range(32, 129, 16), key=cost), tile["capped"]
 
 
-def _fast_sigmoid():
-    """The inline-PTX sigmoid (see _sigmoid), except under the Triton interpreter, which cannot run PTX."""
+def _inline_ptx():
+    """Whether the kernels may use inline PTX (the conv's _sigmoid, the scan's _prefetch_l1): not under the
+    Triton interpreter, which cannot run it."""
     return not triton.knobs.runtime.interpret
 
 
@@ -645,7 +646,7 @@ def conv1d_fwd_triton(x, weight, bias, pos, activation, *, BLOCK_L=None, BLOCK_D
         *out.stride(),
         W=W, HAS_BIAS=bias is not None, HAS_POS=pos is not None, ACTIVATION=bool(activation),
         BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ROWS=ROWS, AHEAD=AHEAD, UNROLL=UNROLL,
-        FAST_SIGMOID=_fast_sigmoid(), num_warps=num_warps, maxnreg=maxnreg,
+        FAST_SIGMOID=_inline_ptx(), num_warps=num_warps, maxnreg=maxnreg,
     )
     return out
 
@@ -678,7 +679,7 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
         *dout.stride(), *dx.stride(),
         W=W, HAS_BIAS=bias is not None, HAS_POS=pos is not None, ACTIVATION=bool(activation),
         BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, ROWS=ROWS, AHEAD=AHEAD, UNROLL=UNROLL,
-        FAST_SIGMOID=_fast_sigmoid(), num_warps=num_warps, maxnreg=maxnreg,
+        FAST_SIGMOID=_inline_ptx(), num_warps=num_warps, maxnreg=maxnreg,
     )
     sums = part.sum(0)  # (W+1, D) fp32, fixed reduction order
     dweight = sums[:W].t().contiguous().to(weight.dtype)  # (D, W)
@@ -717,12 +718,17 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # x 256 KB per row, a quarter of the size of u in bf16), never the full state history
 # (L x N x Dm). The backward walks its chunks last to first. For each chunk it
 # recomputes the forward from the saved state and stashes the state entering
-# every other token in a scratch buffer (CHUNK/2 x N x BD fp32 per program, read
-# back soon after, mostly from L2), then walks the tokens backwards two at a time:
+# every other token in a scratch buffer (CHUNK/2 x N x BD fp32 per program), then
+# walks the tokens backwards two at a time:
 # recompute the pair's second state and both decays into registers, then run the
 # adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} back through them, forming every
 # gradient. (Recomputing whole groups of GROUP tokens from one stashed state
-# keeps GROUP states live and spills; notes/perf.md.)
+# keeps GROUP states live and spills; notes/perf.md.) The stash is read back up
+# to a chunk after it was written: at d_inner 4096 the programs' stashes (128 MB)
+# outgrow L2, and its round trip is most of the backward's DRAM traffic (ncu:
+# ~4 of 5.6 GB per call). The walk asks for the two states of its next group
+# one group ahead (_prefetch_l1), so that more of their loads find them in L2
+# (notes/perf.md).
 # dB and dC are sums over channels: each program writes its partial sum over its
 # BD channels (a reduce-scatter across lanes, _store_channel_sum) and torch sums
 # the partials (deterministic, no atomics); dA, dD and d(delta bias) likewise
@@ -1049,13 +1055,23 @@ def _bwd_token(gc, h_prev, h, a, dt, pre, t, u, Bt, Ct, zz, dout, du_p, ddl_p, d
 
 
 @triton.jit
+def _prefetch_l1(p, ON: tl.constexpr):
+    """Asks for the lines at p to be brought in ahead of their loads (PTX prefetch.global.L1: no register
+    and no wait, one instruction per lane)."""
+    if ON:
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
                      cin_ptr, scr_ptr, du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
                      L, Dm, n_chunks, seg_len, n_seg,
                      s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                      N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr,
+                     PREFETCH: tl.constexpr):
     pid_d = tl.program_id(0)
     n_dblk = tl.num_programs(0)
     s = tl.program_id(1)  # segment: chunks [c0, c1)
@@ -1084,7 +1100,9 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     dout_p, du_p, ddl_p, dz_p = dout_ptr + row, du_ptr + row, ddl_ptr + row, dz_ptr + row
     dB_p = dB_ptr + (b * L * n_dblk + pid_d) * N  # partials (B, L, n_dblk, N)
     dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N
-    scr = scr_ptr + (bs * n_dblk + pid_d) * (CHUNK // 2) * N * BD + n[:, None] * BD + tl.arange(0, BD)[None, :]
+    scr0 = scr_ptr + (bs * n_dblk + pid_d) * (CHUNK // 2) * N * BD  # (CHUNK // 2, N, BD)
+    scr = scr0 + n[:, None] * BD + tl.arange(0, BD)[None, :]
+    stash_rows = tl.arange(0, 2 * N)  # the rows of two consecutive stashed states, one per lane
     st_p = st_ptr + b * n_chunks * N * Dm + sn * Dm + d[None, :]
     seg_p = bs * N * Dm + sn * Dm + d[None, :]
     # a_{t+1} g_{t+1}: the adjoint flowing back into token t; at first, what the later segments send
@@ -1129,6 +1147,8 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
             k = CHUNK - GROUP - kk
             t = c * CHUNK + k
             tp = tl.maximum(t - GROUP, 0)  # the group before (a harmless re-load at the chunk's start)
+            # the two states the next group reads back, asked for now (this group's own at the chunk's start)
+            _prefetch_l1(scr0 + (tl.maximum(k // 2 - 2, 0) * N + stash_rows) * BD, PREFETCH)
             # tokens 3 and 2 of the group from the state stashed before token 2, then 1 and 0 from the one
             # before token 0: two states and decays live at a time
             h2 = tl.load(scr + (k // 2 + 1) * N * BD)
@@ -1297,7 +1317,8 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     _scan_bwd_kernel[(n_dblk, n_seg, Bb)](
         *tensors, states, dout, cin, scratch, du, ddelta, dz, dA, dB, dC, dD, dbias, L, Dm, states.shape[1],
         seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes,
-        num_warps=num_warps, LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
+        num_warps=num_warps, LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1,
+        PREFETCH=_inline_ptx(), **flags)  # tl.arange: powers of 2
     return [du, ddelta, dA.sum(0).t().contiguous().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None]
