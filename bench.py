@@ -6,6 +6,7 @@ documents, and per-op timings of the packed conv1d and scan against their memory
     python bench.py --preset 130m --dist d2          # another model, another length distribution
     python bench.py --data_dir data                  # the real document lengths of pack.py's train shards
     python bench.py --ops                            # per-op timings instead of the model
+    python bench.py --ops --ops_impl kernels         # the kernels only (the references take most of the time)
     python bench.py --preset 2.8b --compile blocks   # compile each block on its own: minutes less per mode
     python bench.py --device cpu --max_tokens 4096 --seq_len 256 --vocab_size 257   # CPU smoke test
     python bench.py --help                           # all options and their defaults
@@ -34,7 +35,8 @@ written once; the backward reads the inputs and dout and writes every gradient) 
 copy bandwidth of this run.
 The kernels' forward + backward calls their forward and backward ops directly, as a compiled block
 does (through the autograd engine, one op alone would time mostly the host); the references' goes
-through autograd. The references loop over tokens in Python: they are timed on one row only, few times.
+through autograd. The references loop over tokens in Python: they are timed on one row only, few times
+(the scan's fwd+bwd takes ~2.6 s per call at d_inner 5120 on an H200); --ops_impl kernels leaves them out.
 On CPU the ops are the references themselves and timed with perf_counter (a test of this script only).
 """
 import argparse
@@ -59,6 +61,7 @@ import pack
 from model import PEAK_BF16_FLOPS, MambaConfig, MambaLM
 
 MODES = ("single", "padded", "packed", "ideal")
+OPS_IMPLS = ("kernels", "ref")
 # the paper's CUDA code on the H200 this is run on, same settings, real tokens/s
 REF_TOKENS_PER_S = {
     "130m": {"packed": 122856, "ideal": 174183, "padded": 60684, "single": 13695},
@@ -385,6 +388,8 @@ def bench_ops(args, device, docs, eot):
         for op, (fast, ref) in ops.items():
             for bounds in ("packed", "none"):
                 for impl, fn, Bb in (("kernels", fast, B), ("ref", ref, 1)):  # the reference on one row only
+                    if impl not in args.ops_impl:
+                        continue
                     pos = pos_packed[:Bb] if bounds == "packed" else None
                     inputs = op_inputs(op, Bb, L, D, pos, device)
                     grads = [t for t in inputs if t is not None and t.is_floating_point()]
@@ -460,6 +465,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if available")
     parser.add_argument("--ops", action="store_true", help="per-op timings (conv, scan) instead of the model")
     parser.add_argument("--widths", default="1536,4096,5120", help="--ops: d_inner values")
+    parser.add_argument("--ops_impl", default=",".join(OPS_IMPLS), help="--ops: comma list of kernels, ref "
+                        "(the PyTorch references, slow: a Python loop over tokens)")
     parser.add_argument("--copy_gib", type=float, default=2.0, help="--ops: size of the copy that measures bandwidth")
     parser.add_argument("--out", default="", help="JSON path; default bench_results/bench_<preset>_<dist>.json "
                         "(ops_<dist>.json with --ops); the chart goes next to it as .png")
@@ -471,6 +478,10 @@ def main(argv=None):
     if bad := [m for m in args.modes if m not in MODES]:
         parser.error(f"unknown --modes {', '.join(bad)}; choose from {', '.join(MODES)}")
     args.widths = [int(w) for w in args.widths.split(",")]
+    impls = [i.strip() for i in args.ops_impl.split(",") if i.strip()]
+    if not impls or any(i not in OPS_IMPLS for i in impls):
+        parser.error(f"--ops_impl {args.ops_impl!r}: give a comma list of {', '.join(OPS_IMPLS)}")
+    args.ops_impl = impls
     if device == "cpu" and args.ops:
         args.copy_gib = min(args.copy_gib, 0.0625)
 

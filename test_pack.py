@@ -1155,6 +1155,12 @@ def test_ops_mode(tmp_path, capsys):
                     for s in ("fwd", "fwd+bwd")}
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert "% floor" in capsys.readouterr().out
+    bench.main(["--ops", "--device", "cpu", "--widths", "8", "--seq_len", "16", "--batch_size", "2",
+                "--max_tokens", "64", "--copy_gib", "0.001", "--ops_impl", "kernels", "--out", str(out)])
+    assert {r["impl"] for r in json.loads(out.read_text())["ops"]} == {"kernels"}
+    for bad in ("kernel", ""):
+        with pytest.raises(SystemExit):
+            bench.main(["--ops", "--ops_impl", bad])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
