@@ -1,0 +1,87 @@
+"""
+A/B timing of the scan's Triton kernels: this checkout's kernels.py against other versions of that file,
+at the shapes of notes/kernel_sweep.py (8 rows x 2048 tokens packed from D1 lengths, d_inner 1536 /
+4096 / 5120, bf16). Each other version is checked first (test_scan_real_size at d_inner 1536 in bf16
+and fp32); a version that fails is reported and not timed. Then every version's forward and backward
+run on the GPU alone (bench.gpu_ms), packed and pos=None, with each gradient's largest difference from
+this checkout's (relative to its largest value). A table last; everything in out.json. Run from the
+repository root on a GPU, the other versions inside the tree (the device copies only the tree), e.g.:
+    git show scan-softplus-series:kernels.py > notes/kernels_b.py
+    python notes/scan_ab.py out.json notes/kernels_b.py
+"""
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "notes")
+import bench  # noqa: E402
+import kernels  # noqa: E402
+import test_pack  # noqa: E402
+from kernel_sweep import timing_shapes  # noqa: E402
+
+
+def load(path):
+    """kernels.py of another version, as a module of its own (its Triton kernels compile on their own)."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check(module):
+    """'pass', or the first failure of test_scan_real_size at d_inner 1536 with module as kernels."""
+    test_pack.kernels = module
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            test_pack.test_scan_real_size(dtype, 1536)
+        return "pass"
+    except AssertionError as e:
+        return f"FAIL ({dtype}): {e}"
+    finally:
+        test_pack.kernels = kernels
+
+
+def main(out, paths):
+    versions = [("this", kernels)] + [(os.path.basename(p), load(p)) for p in paths]
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "checks": {name: check(module) for name, module in versions[1:]}}
+    print("checks:", res["checks"], flush=True)
+    versions = [(name, m) for name, m in versions if name == "this" or res["checks"][name] == "pass"]
+    rows = []
+    for Dm, args, dout, pos in timing_shapes():
+        ref = None
+        for name, module in versions:
+            t = {}
+            for bounds, p in (("packed", pos), ("nopos", None)):
+                _, states = module.scan_fwd_triton(*args, p, True)
+                if bounds == "packed":
+                    grads = module.scan_bwd_triton(dout, *args, p, states, True)
+                    ref = ref or grads
+                    t["maxdiff"] = max(float((g.float() - r.float()).abs().max() / (r.float().abs().max() + 1e-30))
+                                       for g, r in zip(grads, ref) if r is not None)
+                t[f"fwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_fwd_triton(*args, p, True))
+                t[f"bwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_bwd_triton(dout, *args, p, states, True))
+            res[f"{name}_{Dm}"] = t
+            rows.append((Dm, name, t))
+            print(Dm, name, {k: round(v, 4) for k, v in t.items()}, flush=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n{'d_inner':>7s} {'version':20s} {'fwd':>7s} {'bwd':>7s} {'fwd+bwd':>8s} {'no pos':>8s} "
+          f"{'bounds':>7s} {'vs this':>8s} {'maxdiff':>8s}   (ms, packed unless said)")
+    base = {}
+    for Dm, name, t in rows:
+        both, nopos = t["fwd_packed"] + t["bwd_packed"], t["fwd_nopos"] + t["bwd_nopos"]
+        base.setdefault(Dm, both)
+        print(f"{Dm:7d} {name:20s} {t['fwd_packed']:7.3f} {t['bwd_packed']:7.3f} {both:8.3f} {nopos:8.3f} "
+              f"{both / nopos - 1:+7.1%} {both / base[Dm] - 1:+8.1%} {t['maxdiff']:8.1e}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or not torch.cuda.is_available():
+        raise SystemExit(__doc__ + "\n(needs a GPU)")
+    main(sys.argv[1], sys.argv[2:])
