@@ -1147,16 +1147,16 @@ def test_single_mode_compiles_once(tmp_path, monkeypatch, bench_data):
 def test_ops_mode(tmp_path, capsys):
     """--ops on CPU (the ops are the references there): every row present and timed, floors positive."""
     out = tmp_path / "ops.json"
-    bench.main(["--ops", "--device", "cpu", "--widths", "8", "--seq_len", "16", "--batch_size", "2",
-                "--max_tokens", "64", "--copy_gib", "0.001", "--out", str(out)])
+    argv = ["--ops", "--device", "cpu", "--widths", "8", "--seq_len", "16", "--batch_size", "2",
+            "--max_tokens", "64", "--copy_gib", "0.001", "--out", str(out)]
+    bench.main(argv)
     rows = json.loads(out.read_text())["ops"]
     keys = {(r["op"], r["impl"], r["pos"], r["pass"]) for r in rows}
     assert keys == {(o, i, p, s) for o in ("conv", "scan") for i in ("kernels", "ref") for p in ("packed", "none")
                     for s in ("fwd", "fwd+bwd")}
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert "% floor" in capsys.readouterr().out
-    bench.main(["--ops", "--device", "cpu", "--widths", "8", "--seq_len", "16", "--batch_size", "2",
-                "--max_tokens", "64", "--copy_gib", "0.001", "--ops_impl", "kernels", "--out", str(out)])
+    bench.main(argv + ["--ops_impl", "kernels"])
     assert {r["impl"] for r in json.loads(out.read_text())["ops"]} == {"kernels"}
     for bad in ("kernel", ""):
         with pytest.raises(SystemExit):
