@@ -16,8 +16,9 @@ the reference. At the end of the file, the LM head's loss, `linear_cross_entropy
 logits), is a custom op of the same kind.
 
 Checked by test_pack.py (on a GPU: python -m pytest -q -k "cuda or real_size"), timed by
-python bench.py --ops and the scripts in notes/ (notes/scan_time.py: the default configuration);
-the numbers are in notes/perf.md.
+python bench.py --ops and the scripts in notes/ (notes/scan_time.py: the default configuration;
+notes/scan_ab.py: other versions of this file against it), the scan's machine code read offline
+(no GPU) by notes/sass.py; the numbers are in notes/perf.md.
 """
 import math
 from typing import Optional

@@ -17,6 +17,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -544,6 +546,18 @@ def test_scan_softplus():
     x64 = x.double()
     for got, want in ((sp, F.softplus(x64)), (sig, torch.sigmoid(x64))):
         assert ((got.double() - want).abs() / want <= 1e-6 + 1e-7 * x64.abs()).all()
+
+
+@pytest.mark.parametrize("which", [["fwd"], ["bwd"], ["carry"], ["carry", "--reverse"]], ids=" ".join)
+def test_scan_kernels_compile_for_sm90(which):
+    """Each scan kernel compiles for sm_90 (H100, H200) as its launcher calls it, the GPU-only inline PTX
+    (the prefetch) included, which the interpreter never compiles; notes/sass.py's offline compile, in a
+    process of its own (the interpreter must be off there), prints its registers and loops."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "notes/sass.py", *which], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "REG:" in res.stdout and "loop 0x" in res.stdout, res.stdout
 
 
 def test_scan_bwd_ref_matches_autograd():
