@@ -16,11 +16,7 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "notes")
 import bench  # noqa: E402
 import kernels  # noqa: E402
-from kernel_sweep import d1_pos  # noqa: E402
-
-
-def rel_diff(outs, refs):
-    return max(((o.double() - r.double()).norm() / r.double().norm()).item() for o, r in zip(outs, refs))
+from kernel_sweep import d1_pos, rel  # noqa: E402
 
 
 def main(out_path):
@@ -47,7 +43,7 @@ def main(out_path):
                     ref = g0
                 res.append(dict(rows=rows, D=D, which=which, BLOCK_L=BL, maxnreg=cap,
                                 programs=rows * math.ceil(2048 / BL) * n_dblocks,
-                                rel_diff=rel_diff(f(), ref), ms=bench.gpu_ms(f, 30.0)))
+                                rel_diff=max(rel(o, r) for o, r in zip(f(), ref)), ms=bench.gpu_ms(f, 30.0)))
                 print(res[-1], flush=True)
             for p, mode in ((pos, "packed"), (None, "none")):
                 fwd = lambda: kernels.conv1d_fwd_triton(x, w, b, p, True)
@@ -56,7 +52,8 @@ def main(out_path):
                                 bwd_ms=bench.gpu_ms(bwd, 30.0), fwd_bwd_ms=bench.gpu_ms(lambda: (fwd(), bwd()), 30.0)))
                 print(res[-1], flush=True)
     env = dict(bench.environment("cuda", []), command=f"python notes/conv_tiles.py {out_path}")
-    json.dump(dict(env=env, results=res), open(out_path, "w"), indent=1)
+    with open(out_path, "w") as f:
+        json.dump(dict(env=env, results=res), f, indent=1)
     print("8 rows, best (BLOCK_L, cap): ms")
     for D in (1536, 4096, 5120):
         for which in ("fwd", "bwd"):

@@ -12,10 +12,10 @@ repository root on a GPU, the other versions inside the tree (the device copies 
 import importlib.util
 import json
 import os
+import shlex
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "notes")
@@ -48,7 +48,7 @@ def check(module):
 
 def main(out, paths):
     versions = [("this", kernels)] + [(os.path.basename(p), load(p)) for p in paths]
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    res = {"env": dict(bench.environment("cuda", []), command=shlex.join(["python", "notes/scan_ab.py", out, *paths])),
            "checks": {name: check(module) for name, module in versions[1:]}}
     print("checks:", res["checks"], flush=True)
     versions = [(name, m) for name, m in versions if name == "this" or res["checks"][name] == "pass"]
