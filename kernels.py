@@ -760,8 +760,8 @@ def _softplus(x):
 def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl, s_cl, s_zl, s_pl,
                 HAS_Z: tl.constexpr, HAS_POS: tl.constexpr, BC_LANES: tl.constexpr):
     """Inputs of token t: u, delta, z (BD,), B, C (N,) (with BC_LANES both in one (BD,): lane j holds
-    B[j] for j < N and C[j - N] for N <= j < 2N), pos and t < L (scalars); zeros past the row's end.
-    B and C are read through _col."""
+    B[j] for j < N and C[j - N] for N <= j < 2N, B_p and s_bl being the lanes' from _bc_lanes), pos and
+    t < L (scalars); zeros past the row's end. B and C are read through _col."""
     ok = t < L
     m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
     u = tl.load(u_p + t * s_ul, mask=m, other=0.0)
@@ -769,8 +769,7 @@ def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl,
     N: tl.constexpr = nm.shape[0]
     if BC_LANES:
         j = tl.arange(0, dm.shape[0])
-        bc_p = tl.where(j < N, B_p + t * s_bl + j, C_p + t * s_cl + (j - N))
-        Bt = tl.load(bc_p, mask=tl.where(ok, j < 2 * N, False), other=0.0)
+        Bt = tl.load(B_p + t * s_bl, mask=tl.where(ok, j < 2 * N, False), other=0.0)
         Ct = Bt
     else:
         Bt = tl.load(B_p + t * s_bl + tl.arange(0, N), mask=tl.where(ok, nm, False), other=0.0)
@@ -778,6 +777,17 @@ def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl,
     zz = tl.load(z_p + t * s_zl, mask=m, other=0.0) if HAS_Z else u
     p = tl.load(pos_p + t * s_pl, mask=ok, other=1) if HAS_POS else 1
     return u, dl, Bt, Ct, zz, p, ok
+
+
+@triton.jit
+def _bc_lanes(B_p, C_p, s_bl, s_cl, BD: tl.constexpr, N: tl.constexpr, BC_LANES: tl.constexpr):
+    """The B pointer and stride that _load_token takes. With BC_LANES, lane j's pointer to B[j] (j < N) or
+    C[j - N] of token 0 and its stride along tokens, (BD,) each: worked out once, where working them out
+    at every token cost ~10 instructions per token (offline sm_90 SASS). Else B_p and s_bl as they are."""
+    if BC_LANES:
+        j = tl.arange(0, BD)
+        B_p, s_bl = tl.where(j < N, B_p + j, C_p + (j - N)), tl.where(j < N, s_bl, s_cl)
+    return B_p, s_bl
 
 
 @triton.jit
@@ -869,8 +879,9 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     sn = n[:, None]  # the state each row of the (N, BD) tiles holds (the backward permutes them)
     A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
     bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
-    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_ptr + b * s_bb, C_ptr + b * s_cb,
-            z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
+    B_p, C_p = B_ptr + b * s_bb, C_ptr + b * s_cb
+    B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
+    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     dout_p = dout_ptr + b * L * Dm + d
     c = tl.zeros((N, BD), tl.float32)
@@ -969,6 +980,7 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
     B_p, C_p, pos_p = B_ptr + b * s_bb, C_ptr + b * s_cb, pos_ptr + b * s_pb
+    B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
     out_p = out_ptr + b * L * Dm + d
     st_p = st_ptr + b * n_chunks * N * Dm + sn * Dm + d[None, :]
     args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
@@ -1106,6 +1118,7 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
     B_p, C_p, pos_p = B_ptr + b * s_bb, C_ptr + b * s_cb, pos_ptr + b * s_pb
+    B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
     args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     row = b * L * Dm + d
