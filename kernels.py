@@ -1262,8 +1262,8 @@ def _segments(u, programs, segments, per_sm):
     if given, else chosen from the waves of programs the GPU runs (slots = per_sm x multiprocessors at
     once). One wave at least 40% full stays whole. Otherwise: the fewest waves x segment length, plus
     15% for the carry passes that splitting costs and 0.5% per segment (each program's setup). On an
-    H200 at 8 x 2048 tokens this picks forward 11 / 1 / 1 and backward 8 / 1 / 4 segments at d_inner
-    1536 / 4096 / 5120, within 5% of the best of a sweep (notes/perf.md)."""
+    H200 at 8 x 2048 tokens this picks forward 16 / 1 / 1 and backward 8 / 1 / 4 segments at d_inner
+    1536 / 4096 / 5120, the best of a sweep or within 0.1% of it (notes/scan_sweep.py, notes/perf.md)."""
     n_chunks = _n_chunks(u.shape[1])
     slots = per_sm * _sm_count(u.device)
 

@@ -1,33 +1,31 @@
 """
-GPU sweep of the scan's segment counts (kernels.py v4): first the scan against the fp64 reference at
-2 rows x 2048, d_inner 1536, bf16, for 1, 3 and 8 segments; then forward and backward times for
-several segment counts at d_inner 1536/4096/5120 (8 rows x 2048, D1 packing), and the best of each
-with pos=None. Results: notes/results/scan_v4_sweep_h200.json, discussed in notes/perf.md.
-(The run recorded there built A as -arange(1, N+1) x U(0.5, 1.5) directly; kernel_sweep.inputs
-takes the same values through exp(log(.)).) Run from the repository root on a GPU:
+GPU sweep of the scan's segment counts: first the scan against the fp64 reference at 2 rows x 2048,
+d_inner 1536, bf16, for 1, 3 and 8 segments; then the GPU time (bench.gpu_ms) of the forward and the
+backward at several segment counts, packed and pos=None, at d_inner 1536/4096/5120 (8 rows x 2048,
+D1 packing), with the count kernels._segments picks. Results: notes/results/scan_segments_h200.json
+(notes/results/scan_v4_sweep_h200.json came from the v4 version of this script: do_bench times,
+pos=None at the best count only, and the v3 kernels' times), discussed in notes/perf.md. Run from the
+repository root on a GPU:
     python notes/scan_sweep.py out.json
-The "old_*" rows time the previous kernels (v3) if a module k3 is importable, made with
-    git show e7b1e4b:kernels.py | sed '/^# torch custom ops/,$d' > k3.py   (plus its _n_chunks)
 """
 import json
 import sys
 
 import torch
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "notes")
+import bench  # noqa: E402
 import kernels  # noqa: E402
 from kernel_sweep import d1_pos, inputs, rel, timing_shapes  # noqa: E402
 
-try:
-    import k3  # the v3 kernels, for the before/after rows
-except ImportError:
-    k3 = None
+FWD_COUNTS = {1536: (1, 4, 6, 8, 11, 16), 4096: (1, 2), 5120: (1, 2)}
+BWD_COUNTS = {1536: (1, 2, 4, 6, 8, 12, 16), 4096: (1, 2), 5120: (1, 2, 3, 4, 5, 6)}
+
 
 def main(out):
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    res = {"env": bench.environment("cuda", [])}
     # correctness: error against fp64 vs the fp32 reference's own error, per output and gradient
     B, L, Dm = 2, 2048, 1536
     pos = d1_pos(B, L)
@@ -48,31 +46,32 @@ def main(out):
         bad = [k for k, (e, r) in row.items() if not e <= max(3 * r, 1e-5)]
         print("check seg", seg, "BAD " + str(bad) if bad else "ok", flush=True)
         res[f"check_seg{seg}"] = row
-    # timings (median ms, L2 flushed by do_bench)
+    # GPU ms, L2 flushed before each call
     for Dm, args, dout, pos in timing_shapes():
         t = {}
-        if k3 is not None:
-            _, st_old = k3.scan_fwd_triton(*args, pos, True)
-            t["old_fwd"] = do_bench(lambda: k3.scan_fwd_triton(*args, pos, True), return_mode="median")
-            t["old_bwd"] = do_bench(lambda: k3.scan_bwd_triton(dout, *args, pos, st_old, True), return_mode="median")
-        _, st = kernels.scan_fwd_triton(*args, pos, True)
-        fs = {1536: (1, 4, 6, 8, 12, 16), 4096: (1, 2, 4), 5120: (1, 2, 3, 4)}[Dm]
-        bs = {1536: (1, 4, 6, 8, 12, 16), 4096: (1, 2, 3), 5120: (1, 2, 3, 4, 6)}[Dm]
-        for seg in fs:
-            t[f"fwd_s{seg}"] = do_bench(lambda: kernels.scan_fwd_triton(*args, pos, True, segments=seg),
-                                        return_mode="median")
-        for seg in bs:
-            t[f"bwd_s{seg}"] = do_bench(lambda: kernels.scan_bwd_triton(dout, *args, pos, st, True, segments=seg),
-                                        return_mode="median")
-        bf = min(fs, key=lambda k: t[f"fwd_s{k}"])
-        bb = min(bs, key=lambda k: t[f"bwd_s{k}"])
-        _, st0 = kernels.scan_fwd_triton(*args, None, True)
-        t[f"fwd_s{bf}_nopos"] = do_bench(lambda: kernels.scan_fwd_triton(*args, None, True, segments=bf),
-                                         return_mode="median")
-        t[f"bwd_s{bb}_nopos"] = do_bench(lambda: kernels.scan_bwd_triton(dout, *args, None, st0, True, segments=bb),
-                                         return_mode="median")
-        res[f"t{Dm}"] = t
-        print(Dm, {k: round(v, 3) for k, v in t.items()}, flush=True)
+        picked = {}
+        for kind, counts, per_sm in (("fwd", FWD_COUNTS[Dm], kernels.SCAN_FWD_PROGRAMS_PER_SM),
+                                     ("bwd", BWD_COUNTS[Dm], kernels.SCAN_BWD_PROGRAMS_PER_SM)):
+            BD = (kernels.SCAN_FWD_CONFIG if kind == "fwd" else kernels.SCAN_BWD_CONFIG)["BD"]
+            picked[kind] = kernels._segments(args[0], triton.cdiv(Dm, BD) * args[0].shape[0], None, per_sm)[1]
+            for bounds, p in (("packed", pos), ("nopos", None)):
+                _, st = kernels.scan_fwd_triton(*args, p, True)
+                for seg in counts:
+                    if kind == "fwd":
+                        fn = lambda: kernels.scan_fwd_triton(*args, p, True, segments=seg)  # noqa: E731
+                    else:
+                        fn = lambda: kernels.scan_bwd_triton(dout, *args, p, st, True, segments=seg)  # noqa: E731
+                    t[f"{kind}_s{seg}_{bounds}"] = bench.gpu_ms(fn)
+        res[f"t{Dm}"] = dict(t, picked=picked)
+        print(Dm, "picked", picked, {k: round(v, 3) for k, v in t.items()}, flush=True)
+    print(f"\n{'d_inner':>7s} {'pass':4s} {'segments':>8s} {'packed':>7s} {'no pos':>7s} {'bounds':>7s}")
+    for Dm in FWD_COUNTS:
+        t = res[f"t{Dm}"]
+        for kind, counts in (("fwd", FWD_COUNTS[Dm]), ("bwd", BWD_COUNTS[Dm])):
+            for seg in counts:
+                a, b = t[f"{kind}_s{seg}_packed"], t[f"{kind}_s{seg}_nopos"]
+                mark = " (picked)" if t["picked"][kind] == seg else ""
+                print(f"{Dm:7d} {kind:4s} {seg:8d} {a:7.3f} {b:7.3f} {a / b - 1:+7.1%}{mark}")
     json.dump(res, open(out, "w"), indent=1)
 
 
