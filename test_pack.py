@@ -634,6 +634,26 @@ def test_scan_triton_matches_ref(layout, segments, bc_lanes, small_chunks):
         assert rel(g, w) < 1e-5, name
 
 
+@pytest.mark.parametrize("bc_lanes", [False, True])
+@pytest.mark.parametrize("segments", [1, 3])
+def test_scan_triton_whole_chunks(segments, bc_lanes, small_chunks):
+    """Rows of whole chunks (3 x 8 tokens), where the kernels drop the past-the-end masks and the loads
+    ahead of the last chunk read the last token: output, chunk states and every gradient against the
+    reference, documents starting on chunk edges and just after."""
+    L = 3 * kernels.CHUNK
+    x = scan_inputs(2, L, 12, 4, torch.float32, DEV)
+    pos = pos_from_lengths([[1, 7, 8, 1, 7], [9, 15]], L, "cpu").to(DEV)
+    want, want_states = kernels.selective_scan_ref(**x, pos=pos, return_states=True)
+    kw = dict(delta_softplus=True, BD=8, num_warps=1, bc_lanes=bc_lanes, segments=segments)
+    got, states = kernels.scan_fwd_triton(**x, pos=pos, **kw)
+    assert rel(got, want) < 1e-5 and rel(states, want_states) < 1e-5
+    dout = torch.randn_like(want)
+    want_g = kernels.selective_scan_bwd_ref(dout, **x, pos=pos)
+    got_g = kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, **kw)
+    for name, g, w in zip(SCAN_GRADS, got_g, want_g):
+        assert rel(g, w) < 1e-5, name
+
+
 def test_scan_triton_optional_inputs(small_chunks):
     """No D, no z, no delta bias, no softplus; blocks of 2 channels (fewer than the states: dB and dC
     summed by tl.sum, not the reduce-scatter) and two segments."""
