@@ -911,19 +911,23 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
         t = ((s + 1) * seg_len - 1 - k) if REVERSE else (s * seg_len + k)
         c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, C0, z0, g0, p0, ok0, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-        u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+        u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4 * step, L, dm, nm, *strides,
+                                                   HAS_Z, HAS_POS, BC_LANES, EVEN)
         g0 = _load_dout(dout_p, t + 4 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
         c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, C1, z1, g1, p1, ok1, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-        u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+        u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5 * step, L, dm, nm, *strides,
+                                                   HAS_Z, HAS_POS, BC_LANES, EVEN)
         g1 = _load_dout(dout_p, t + 5 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
         c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, C2, z2, g2, p2, ok2, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-        u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+        u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6 * step, L, dm, nm, *strides,
+                                                   HAS_Z, HAS_POS, BC_LANES, EVEN)
         g2 = _load_dout(dout_p, t + 6 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
         c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, C3, z3, g3, p3, ok3, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-        u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+        u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7 * step, L, dm, nm, *strides,
+                                                   HAS_Z, HAS_POS, BC_LANES, EVEN)
         g3 = _load_dout(dout_p, t + 7 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
     P = tl.where(cut != 0, 0.0, tl.exp2(sdt[None, :] * A2))
     out = (b * n_seg + s) * N * Dm + sn * Dm + d[None, :]
@@ -1008,16 +1012,20 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
             t = c * CHUNK + k
             h = _fwd_token(h, t, u0, dl0, B0, C0, z0, p0, ok0, A2, sn, bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
             h = _fwd_token(h, t + 1, u1, dl1, B1, C1, z1, p1, ok1, A2, sn, bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
             h = _fwd_token(h, t + 2, u2, dl2, B2, C2, z2, p2, ok2, A2, sn, bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
             h = _fwd_token(h, t + 3, u3, dl3, B3, C3, z3, p3, ok3, A2, sn, bias, Dv, out_p, Dm, dm,
                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
         tl.store(st_p + c * N * Dm, h, mask=dm[None, :])  # tokens past L were identities: h is h_{L-1}
 
 
@@ -1158,17 +1166,21 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
             tl.store(scr + (k // 2) * N * BD, h)
             dt, _, a, x = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
-            u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+            u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
+                                                       False, HAS_POS, BC_LANES, EVEN)
             dt, _, a, x = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
-            u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+            u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
+                                                       False, HAS_POS, BC_LANES, EVEN)
             tl.store(scr + (k // 2 + 1) * N * BD, h)
             dt, _, a, x = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
-            u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+            u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
+                                                       False, HAS_POS, BC_LANES, EVEN)
             dt, _, a, x = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
             h = a * h + x
-            u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+            u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
+                                                       False, HAS_POS, BC_LANES, EVEN)
         # back through the groups, each token's inputs re-loaded for the group before as soon as used
         t = c * CHUNK + CHUNK - GROUP
         u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
@@ -1194,13 +1206,15 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                 gc, h3, h4, a3, dt3, dsp3, t + 3, u3, B3, C3, z3, g3, du_p, ddl_p, dz_p, dB_p, dC_p,
                 A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES, EVEN)
-            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp + 3, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
             g3 = _load_dout(dout_p, tp + 3, L, Dm, dm, EVEN)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
                 gc, h2, h3, a2, dt2, dsp2, t + 2, u2, B2, C2, z2, g2, du_p, ddl_p, dz_p, dB_p, dC_p,
                 A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES, EVEN)
-            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp + 2, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
             g2 = _load_dout(dout_p, tp + 2, L, Dm, dm, EVEN)
             h0 = tl.load(scr + (k // 2) * N * BD)
             dt0, dsp0, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
@@ -1211,7 +1225,8 @@ def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                 gc, h1, h2, a1, dt1, dsp1, t + 1, u1, B1, C1, z1, g1, du_p, ddl_p, dz_p, dB_p, dC_p,
                 A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
                 LOG2_N, LOG2_BD, BC_LANES, EVEN)
-            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp + 1, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
             g1 = _load_dout(dout_p, tp + 1, L, Dm, dm, EVEN)
             gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
                 gc, h0, h1, a0, dt0, dsp0, t, u0, B0, C0, z0, g0, du_p, ddl_p, dz_p, dB_p, dC_p,
