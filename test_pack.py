@@ -613,16 +613,11 @@ def test_scan_ref_packed_equals_each_document_alone(layout):
     assert rel(kernels.selective_scan_ref(**x, pos=None), alone_out) > 1e-3
 
 
-@pytest.mark.parametrize("bc_lanes", [False, True])
-@pytest.mark.parametrize("segments", [1, 3])
-@pytest.mark.parametrize("layout", list(SCAN_LAYOUTS) + [None])
-def test_scan_triton_matches_ref(layout, segments, bc_lanes, small_chunks):
-    """The Triton scan (interpreted on CPU) against the reference: output, chunk states and
-    every gradient, fresh random inputs, fp32, two channel blocks (one partial); rows whole or
-    split into segments (carries chained across them); B and C loaded by every lane or one
-    element per lane."""
-    x = scan_inputs(2, L_SMALL, 12, 4, torch.float32, DEV)
-    pos = None if layout is None else pos_from_lengths(SCAN_LAYOUTS[layout], L_SMALL, "cpu").to(DEV)
+def check_scan_triton(L, lengths, segments, bc_lanes):
+    """The Triton scan on 2 rows of L tokens packed from lengths (None: pos=None) against the reference:
+    output, chunk states and every gradient, fresh random inputs, fp32, two channel blocks (one partial)."""
+    x = scan_inputs(2, L, 12, 4, torch.float32, DEV)
+    pos = None if lengths is None else pos_from_lengths(lengths, L, "cpu").to(DEV)
     want, want_states = kernels.selective_scan_ref(**x, pos=pos, return_states=True)
     kw = dict(delta_softplus=True, BD=8, num_warps=1, bc_lanes=bc_lanes, segments=segments)
     got, states = kernels.scan_fwd_triton(**x, pos=pos, **kw)
@@ -632,26 +627,24 @@ def test_scan_triton_matches_ref(layout, segments, bc_lanes, small_chunks):
     got_g = kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, **kw)
     for name, g, w in zip(SCAN_GRADS, got_g, want_g):
         assert rel(g, w) < 1e-5, name
+
+
+@pytest.mark.parametrize("bc_lanes", [False, True])
+@pytest.mark.parametrize("segments", [1, 3])
+@pytest.mark.parametrize("layout", list(SCAN_LAYOUTS) + [None])
+def test_scan_triton_matches_ref(layout, segments, bc_lanes, small_chunks):
+    """The Triton scan (interpreted on CPU) against the reference, rows of 19 tokens (not whole
+    chunks): rows whole or split into segments (carries chained across them); B and C loaded by
+    every lane or one element per lane."""
+    check_scan_triton(L_SMALL, SCAN_LAYOUTS.get(layout), segments, bc_lanes)
 
 
 @pytest.mark.parametrize("bc_lanes", [False, True])
 @pytest.mark.parametrize("segments", [1, 3])
 def test_scan_triton_whole_chunks(segments, bc_lanes, small_chunks):
     """Rows of whole chunks (3 x 8 tokens), where the kernels drop the past-the-end masks and the loads
-    ahead of the last chunk read the last token: output, chunk states and every gradient against the
-    reference, documents starting on chunk edges and just after."""
-    L = 3 * kernels.CHUNK
-    x = scan_inputs(2, L, 12, 4, torch.float32, DEV)
-    pos = pos_from_lengths([[1, 7, 8, 1, 7], [9, 15]], L, "cpu").to(DEV)
-    want, want_states = kernels.selective_scan_ref(**x, pos=pos, return_states=True)
-    kw = dict(delta_softplus=True, BD=8, num_warps=1, bc_lanes=bc_lanes, segments=segments)
-    got, states = kernels.scan_fwd_triton(**x, pos=pos, **kw)
-    assert rel(got, want) < 1e-5 and rel(states, want_states) < 1e-5
-    dout = torch.randn_like(want)
-    want_g = kernels.selective_scan_bwd_ref(dout, **x, pos=pos)
-    got_g = kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, **kw)
-    for name, g, w in zip(SCAN_GRADS, got_g, want_g):
-        assert rel(g, w) < 1e-5, name
+    ahead of the last chunk read the last token; documents starting on chunk edges and just after."""
+    check_scan_triton(3 * kernels.CHUNK, [[1, 7, 8, 1, 7], [9, 15]], segments, bc_lanes)
 
 
 def test_scan_triton_optional_inputs(small_chunks):
