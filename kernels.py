@@ -757,18 +757,22 @@ def _softplus(x):
 
 
 @triton.jit
+def _in_row(t, L, EVEN: tl.constexpr):
+    """(the token to read for t, whether t is in the row). EVEN (L a multiple of CHUNK): the kernels use
+    no token past the row's end, so the answer is the constant True (no masks, no selects: 5-8% of the
+    scan's instructions), and a load issued ahead past the end reads the last token instead."""
+    if EVEN:
+        return tl.minimum(t, L - 1), True
+    return t, t < L
+
+
+@triton.jit
 def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl, s_cl, s_zl, s_pl,
                 HAS_Z: tl.constexpr, HAS_POS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr):
     """Inputs of token t: u, delta, z (BD,), B, C (N,) (with BC_LANES both in one (BD,): lane j holds
     B[j] for j < N and C[j - N] for N <= j < 2N, B_p and s_bl being the lanes' from _bc_lanes), pos and
-    t < L (scalars); zeros past the row's end. B and C are read through _col. EVEN (L a multiple of CHUNK):
-    the kernels use no token past the row's end, so ok is True (no masks, no selects: 5-8% of the scan's
-    instructions) and a load ahead past the end reads the last token instead."""
-    if EVEN:
-        ok = True
-        t = tl.minimum(t, L - 1)
-    else:
-        ok = t < L
+    t < L (scalars, see _in_row); zeros past the row's end. B and C are read through _col."""
+    t, ok = _in_row(t, L, EVEN)
     m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
     u = tl.load(u_p + t * s_ul, mask=m, other=0.0)
     dl = tl.load(dl_p + t * s_dl, mask=m, other=0.0)
@@ -798,10 +802,9 @@ def _bc_lanes(B_p, C_p, s_bl, s_cl, BD: tl.constexpr, N: tl.constexpr, BC_LANES:
 
 @triton.jit
 def _load_dout(dout_p, t, L, Dm, dm, EVEN: tl.constexpr):
-    """dL/dout of token t (BD,) in fp32; zeros past the row's end (none with EVEN: see _load_token)."""
-    if EVEN:
-        return tl.load(dout_p + tl.minimum(t, L - 1) * Dm, mask=dm, other=0.0).to(tl.float32)
-    return tl.load(dout_p + t * Dm, mask=tl.where(t < L, dm, False), other=0.0).to(tl.float32)
+    """dL/dout of token t (BD,) in fp32; zeros past the row's end (see _in_row)."""
+    t, ok = _in_row(t, L, EVEN)
+    return tl.load(dout_p + t * Dm, mask=tl.where(ok, dm, False), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -1066,7 +1069,7 @@ def _bwd_token(gc, h_prev, h, a, dt, ddt_dpre, t, u, Bt, Ct, zz, dout, du_p, ddl
                BC_LANES: tl.constexpr, EVEN: tl.constexpr):
     """Token t of the backward, dout its (BD,) output gradient; h_prev, h, a, dt, ddt_dpre as the recompute
     (_decay_input) made them. gc = a_{t+1} g_{t+1} (N, BD) comes in; a_t g_t goes out."""
-    ok = True if EVEN else t < L
+    _, ok = _in_row(t, L, EVEN)
     m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
     uf, Bf, Cf = u.to(tl.float32), _col(Bt, False, sn, BC_LANES), _col(Ct, True, sn, BC_LANES)  # (N, 1) or (N, BD)
     dy = _gate(dout, zz, HAS_Z)
