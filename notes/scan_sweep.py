@@ -55,7 +55,7 @@ def main(out):
             BD = (kernels.SCAN_FWD_CONFIG if kind == "fwd" else kernels.SCAN_BWD_CONFIG)["BD"]
             picked[kind] = kernels._segments(args[0], triton.cdiv(Dm, BD) * args[0].shape[0], None, per_sm)[1]
             for bounds, p in (("packed", pos), ("nopos", None)):
-                _, st = kernels.scan_fwd_triton(*args, p, True)
+                st = kernels.scan_fwd_triton(*args, p, True)[1] if kind == "bwd" else None  # the backward's input
                 for seg in counts:
                     if kind == "fwd":
                         fn = lambda: kernels.scan_fwd_triton(*args, p, True, segments=seg)  # noqa: E731
@@ -72,7 +72,8 @@ def main(out):
                 a, b = t[f"{kind}_s{seg}_packed"], t[f"{kind}_s{seg}_nopos"]
                 mark = " (picked)" if t["picked"][kind] == seg else ""
                 print(f"{Dm:7d} {kind:4s} {seg:8d} {a:7.3f} {b:7.3f} {a / b - 1:+7.1%}{mark}")
-    json.dump(res, open(out, "w"), indent=1)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
