@@ -875,15 +875,18 @@ def _carry_token(c, sdt, cut, u, dl, Bt, Ct, zz, dout, p, ok, bias, A2, sn, REVE
 @triton.jit
 def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos_ptr, dout_ptr, loc_ptr, P_ptr,
                        L, Dm, seg_len, n_seg, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
-                       N: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr,
-                       EVEN: tl.constexpr):
+                       N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr,
+                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                       BC_LANES: tl.constexpr, EVEN: tl.constexpr):
     """Segment-local carries, each started from zero. Forward: the state leaving the segment,
     h = a_t h + dt_t u_t B_t, for segments 0 .. n_seg-2. Backward (REVERSE): the adjoint leaving its
     first token, g = a_t (g + C_t dy_t) walking back, for segments 1 .. n_seg-1. With P = prod a_t
     over the segment (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains."""
     b = tl.program_id(2).to(tl.int64)
     s = tl.program_id(1) + (1 if REVERSE else 0)
+    # the segment's chunks [c0, c1): the last segment may have fewer, and with EVEN no token past L may be walked
+    c0 = s * (seg_len // CHUNK)
+    c1 = tl.minimum(c0 + seg_len // CHUNK, tl.cdiv(L, CHUNK))
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
     dm = d < Dm
     n = tl.arange(0, N)
@@ -900,7 +903,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     sdt = tl.zeros((BD,), tl.float32)  # sum of dt over the segment: P = exp(A sdt) unless a document starts
     cut = 0  # 1 once a document starts inside the segment
     step: tl.constexpr = -1 if REVERSE else 1
-    t = (s + 1) * seg_len - 1 if REVERSE else s * seg_len  # the segment's first token in walking order
+    t = c1 * CHUNK - 1 if REVERSE else c0 * CHUNK  # the segment's first token in walking order
     # unrolled by GROUP, each token's inputs re-loaded GROUP tokens ahead as soon as used (as in the forward)
     u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
@@ -910,8 +913,8 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     g1 = _load_dout(dout_p, t + step, L, Dm, dm, EVEN) if REVERSE else 0.0
     g2 = _load_dout(dout_p, t + 2 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
     g3 = _load_dout(dout_p, t + 3 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
-    for k in range(0, seg_len, GROUP):
-        t = ((s + 1) * seg_len - 1 - k) if REVERSE else (s * seg_len + k)
+    for k in range(0, (c1 - c0) * CHUNK, GROUP):
+        t = (c1 * CHUNK - 1 - k) if REVERSE else (c0 * CHUNK + k)
         c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, C0, z0, g0, p0, ok0, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4 * step, L, dm, nm, *strides,
@@ -1320,7 +1323,7 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
     P = torch.empty_like(loc)
     flags = {k: v for k, v in flags.items() if k != "HAS_D"}
     _scan_carry_kernel[(triton.cdiv(Dm, BD), n_seg - 1, Bb)](  # all of _scan_args' tensors but D
-        *tensors[:5], *tensors[6:], dout, loc, P, L, Dm, seg_len, n_seg, *strides, N=N, BD=BD,
+        *tensors[:5], *tensors[6:], dout, loc, P, L, Dm, seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK,
         REVERSE=reverse, SOFTPLUS=softplus, BC_LANES=bc_lanes, num_warps=num_warps, **flags)
     SEGS = triton.next_power_of_2(n_seg)
     _scan_combine_kernel[(triton.cdiv(N * Dm, 2048 // SEGS), Bb)](loc, P, n_seg, N * Dm, SEGS=SEGS,

@@ -640,10 +640,11 @@ def test_scan_triton_matches_ref(layout, segments, bc_lanes, small_chunks):
 
 
 @pytest.mark.parametrize("bc_lanes", [False, True])
-@pytest.mark.parametrize("segments", [1, 3])
+@pytest.mark.parametrize("segments", [1, 2, 3])
 def test_scan_triton_whole_chunks(segments, bc_lanes, small_chunks):
     """Rows of whole chunks (3 x 8 tokens), where the kernels drop the past-the-end masks and the loads
-    ahead of the last chunk read the last token; documents starting on chunk edges and just after."""
+    ahead of the last chunk read the last token; documents starting on chunk edges and just after. Two
+    segments are 2 chunks and 1: the last segment is shorter than the others."""
     check_scan_triton(3 * kernels.CHUNK, [[1, 7, 8, 1, 7], [9, 15]], segments, bc_lanes)
 
 
