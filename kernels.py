@@ -31,9 +31,10 @@ import triton.language as tl
 from torch import Tensor
 
 # The scan forward keeps the fp32 state at the end of every CHUNK tokens for the
-# backward, which recomputes everything else from the inputs (see _scan_bwd_kernel).
-# 128 beat 64 and 32 on an H200 (fewer chunk starts in the backward; notes/perf.md).
-CHUNK = 128
+# backward, which recomputes everything else from the inputs (see _scan_bwd_adjoint_kernel).
+# The backward's dA and ddelta sum terms that cancel over up to CHUNK tokens: at 64 their
+# fp32 error is 2-3x smaller than at 128, for 3-4% more backward time (notes/perf.md).
+CHUNK = 64
 
 # -----------------------------------------------------------------------------
 # PyTorch references (any device; fp32 math, fp64 for fp64 inputs; differentiable by autograd)
@@ -604,8 +605,8 @@ def _token_tile(device, B, L, n_dblocks, num_warps, tile):
 
 
 def _inline_ptx():
-    """Whether the kernels may use inline PTX (the conv's _sigmoid, the scan's _prefetch_l1): not under the
-    Triton interpreter, which cannot run it."""
+    """Whether the kernels may use inline PTX (the conv's _sigmoid): not under the Triton interpreter, which
+    cannot run it."""
     return not triton.knobs.runtime.interpret
 
 
@@ -715,25 +716,31 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # The backward does the same for the adjoint, walking the other way.
 #
 # What the backward needs and what is saved: the inputs, plus the state at the
-# end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 16 states
-# x 256 KB per row, a quarter of the size of u in bf16), never the full state history
-# (L x N x Dm). The backward walks its chunks last to first. For each chunk it
-# recomputes the forward from the saved state and stashes the state entering
-# every other token in a scratch buffer (CHUNK/2 x N x BD fp32 per program), then
-# walks the tokens backwards two at a time:
-# recompute the pair's second state and both decays into registers, then run the
-# adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} back through them, forming every
-# gradient. (Recomputing whole groups of GROUP tokens from one stashed state
-# keeps GROUP states live and spills; notes/perf.md.) The stash is read back up
-# to a chunk after it was written: at d_inner 4096 the programs' stashes (128 MB)
-# outgrow L2, and its round trip is most of the backward's DRAM traffic (ncu:
-# ~4 of 5.6 GB per call). The walk asks for the two states of its next group
-# one group ahead (_prefetch_l1), so that more of their loads find them in L2
-# (notes/perf.md).
+# end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 32 states
+# x 256 KB per row, half the size of u in bf16), never the full state history
+# (L x N x Dm). The backward is two passes, each walking its tokens one way only,
+# so neither keeps or recomputes states it has passed (an earlier design walked
+# back through chunks, re-running the forward into a scratch stash: notes/perf.md).
+# Per channel and state, with the adjoint g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1},
+# every gradient but dA and ddelta needs only h (dC, dz) or only g (du, dB); those
+# two need X_t = g_t a_t h_{t-1} (dA = sum_t X_t dt_t, ddelta from sum_N X_t A).
+# Since h_t = a_t h_{t-1} + x_t, X_t - X_{t+1} = q_t - k_t with q_t = C_t dy_t a_t
+# h_{t-1} (h only) and k_t = a_{t+1} g_{t+1} x_t (g only), so within a chunk [c0, c1)
+#     X_t = X_{c1} + sum_{s=t}^{c1-1} (q_s - k_s),   X_{c1} = a_{c1} g_{c1} h_{c1-1},
+# the last from the saved state. _scan_bwd_states_kernel walks forward from the
+# saved states (segments need no carry pass): dC, dz, QA_t = sum_N A q_t (one fp32
+# per token and channel, a temporary) and the q part of each chunk's dA.
+# _scan_bwd_adjoint_kernel walks back (segments chained by the carry passes, as in
+# the forward): the k part, X's sum_N A for ddelta (with the running sum of QA),
+# and the rest. The split terms cancel where X is small, so each chunk's dA is
+# summed from its two parts before the chunks are. The cancellation grows with the
+# chunk: on an H200 at CHUNK 64, dA's fp32 error is 1.5x the reference's own and
+# d(delta bias)'s 7x, 2-3x more at CHUNK 128, more still with q and k each keeping
+# the C_t dy_t x_t they share (notes/perf.md).
 # dB and dC are sums over channels: each program writes its partial sum over its
 # BD channels (a reduce-scatter across lanes, _store_channel_sum) and torch sums
-# the partials (deterministic, no atomics); dA, dD and d(delta bias) likewise
-# per (row, segment).
+# the partials (deterministic, no atomics); dA per (row, chunk), dD and d(delta
+# bias) per (row, segment) likewise.
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -1066,197 +1073,250 @@ def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr
 
 
 @triton.jit
-def _bwd_token(gc, h_prev, h, a, dt, ddt_dpre, t, u, Bt, Ct, zz, dout, du_p, ddl_p, dz_p, dB_p, dC_p, A2, sn, Dv,
-               dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
-               HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
-               BC_LANES: tl.constexpr, EVEN: tl.constexpr):
-    """Token t of the backward, dout its (BD,) output gradient; h_prev, h, a, dt, ddt_dpre as the recompute
-    (_decay_input) made them. gc = a_{t+1} g_{t+1} (N, BD) comes in; a_t g_t goes out."""
-    _, ok = _in_row(t, L, EVEN)
-    m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
-    uf, Bf, Cf = u.to(tl.float32), _col(Bt, False, sn, BC_LANES), _col(Ct, True, sn, BC_LANES)  # (N, 1) or (N, BD)
+def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias, Dv, dz_p, qa_p, dC_p, Dm, dm, nm,
+                     n_dblk, N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
+    """Token t of the backward's first pass, forward in time: the state h (N, BD) after it, and what needs h.
+    dz and dC; QA = sum over states of A2 q (BD,), q = C dy a h_{t-1} (N, BD) being the token's term in X
+    (see the notes above _softplus); and the chunk's dA term from q, dA_c += q P, P = the sum of dt over the
+    chunk up to t."""
+    dt, _, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+    ah = a * h  # (N, BD)
+    h = ah + x
+    P += dt
+    Cf = _col(Ct, True, sn, BC_LANES)
+    qC = ah * Cf  # q / dy
     dy = _gate(dout, zz, HAS_Z)
+    m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
     if HAS_Z:
         y = tl.sum(h * Cf, 0)
         if HAS_D:
-            y += uf * Dv
+            y += u.to(tl.float32) * Dv
         zf = zz.to(tl.float32)
         sz = tl.sigmoid(zf)
         tl.store(dz_p + t * Dm, (dout * y * sz * (1 + zf * (1 - sz))).to(dz_p.dtype.element_ty), mask=m)
-    g = gc + Cf * dy[None, :]  # (N, BD): dL/dh_t
-    X = g * a * h_prev  # dL/dlog(a_t) per state
-    dA_acc += X * dt[None, :]
-    gB = tl.sum(g * Bf, 0)  # (BD,)
-    ddt = tl.sum(X * A2, 0) * LN2 + gB * uf  # sum X A
-    du = gB * dt
+    tl.store(qa_p + t * Dm, dy * tl.sum(qC * A2, 0), mask=m)
+    dA_c += qC * (dy * P)[None, :]
+    _store_channel_sum(dC_p + t * n_dblk * N, h * dy[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
+    return h, dA_c, P
+
+
+@triton.jit
+def _bwd_adjoint_token(gc, K, RQ, dA_c, dD_acc, dbias_acc, t, u, dl, Bt, Ct, zz, dout, qa, p, ok, A2, sn, bias, Dv,
+                       du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
+                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr,
+                       LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
+    """Token t of the backward's second pass, back in time. gc = a_{t+1} g_{t+1} (N, BD) comes in, a_t g_t goes
+    out; K = X_{c1} - sum of k_s over the chunk's tokens s >= t (N, BD), RQ = the sum of QA over them (BD,)."""
+    dt, ddt_dpre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+    uf = u.to(tl.float32)
+    dy = _gate(dout, zz, HAS_Z)
+    g = gc + _col(Ct, True, sn, BC_LANES) * dy[None, :]  # (N, BD): dL/dh_t
+    Bf = _col(Bt, False, sn, BC_LANES)
+    dtu = dt * uf
+    K -= gc * Bf * dtu[None, :]  # k_t = a_{t+1} g_{t+1} x_t
+    RQ += qa
+    gBs = tl.sum(g * Bf, 0)  # (BD,)
+    ddt = (tl.sum(K * A2, 0) + RQ) * LN2 + gBs * uf  # sum over states of X_t A, plus the input's term
+    dA_c += K * dt[None, :]
+    du = gBs * dt
     if HAS_D:
         du += dy * Dv
         dD_acc += dy * uf
     ddelta = ddt * ddt_dpre if SOFTPLUS else ddt
+    m = tl.where(ok, dm, False)
     dbias_acc += tl.where(m, ddelta, 0.0)
     tl.store(du_p + t * Dm, du.to(du_p.dtype.element_ty), mask=m)
     tl.store(ddl_p + t * Dm, ddelta.to(ddl_p.dtype.element_ty), mask=m)
-    _store_channel_sum(dB_p + t * n_dblk * N, g * (dt * uf)[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
-    _store_channel_sum(dC_p + t * n_dblk * N, h * dy[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
-    return a * g, dA_acc, dD_acc, dbias_acc
+    _store_channel_sum(dB_p + t * n_dblk * N, g * dtu[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
+    return a * g, K, RQ, dA_c, dD_acc, dbias_acc
 
 
 @triton.jit
-def _prefetch_l1(p, ON: tl.constexpr):
-    """Asks for the lines at p to be brought in ahead of their loads (PTX prefetch.global.L1: no register
-    and no wait, one instruction per lane)."""
-    if ON:
-        tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+def _bwd_lanes(BD: tl.constexpr, N: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
+               BC_LANES: tl.constexpr):
+    """sn: the state each element of the backward's (N, BD) tiles holds. With BC_LANES (so N < BD) row r of
+    lane j holds state r ^ (j >> (LOG2_BD - LOG2_N)), which lets _store_channel_sum skip its selects."""
+    sn = tl.arange(0, N)[:, None]
+    if BC_LANES:
+        sn = sn ^ (tl.arange(0, BD)[None, :] >> (LOG2_BD - LOG2_N))
+    return sn
 
 
 @triton.jit
-def _scan_bwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
-                     cin_ptr, scr_ptr, du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-                     L, Dm, n_chunks, seg_len, n_seg,
-                     s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
-                     N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr,
-                     PREFETCH: tl.constexpr, EVEN: tl.constexpr):
+def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
+                            qa_ptr, dz_ptr, dC_ptr, dAc_ptr, L, Dm, n_chunks, seg_len,
+                            s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
+                            N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
+                            HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+                            SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
+                            BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+    """The backward's first pass: one segment of one row forward from the saved state entering it (no carry pass)."""
     pid_d = tl.program_id(0)
     n_dblk = tl.num_programs(0)
-    s = tl.program_id(1)  # segment: chunks [c0, c1)
+    c0 = tl.program_id(1) * (seg_len // CHUNK)
+    c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
+    b = tl.program_id(2).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)  # (BD,)
+    dm = d < Dm
+    nm = tl.arange(0, N) < N
+    sn = _bwd_lanes(BD, N, LOG2_N, LOG2_BD, BC_LANES)
+    A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
+    bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
+    Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
+    B_p, C_p = B_ptr + b * s_bb, C_ptr + b * s_cb
+    B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
+    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
+    strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
+    row = b * L * Dm + d
+    dout_p, dz_p, qa_p = dout_ptr + row, dz_ptr + row, qa_ptr + row
+    dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N  # partials (B, L, n_dblk, N)
+    chunk_p = b * n_chunks * N * Dm + sn * Dm + d[None, :]  # + c N Dm: chunk c's (N, BD) in (B, n_chunks, N, Dm)
+    h = tl.where(c0 > 0, tl.load(st_ptr + chunk_p + tl.maximum(c0 - 1, 0) * N * Dm, mask=dm[None, :], other=0.0),
+                 0.0)
+    t = c0 * CHUNK
+    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    g0, g1 = _load_dout(dout_p, t, L, Dm, dm, EVEN), _load_dout(dout_p, t + 1, L, Dm, dm, EVEN)
+    g2, g3 = _load_dout(dout_p, t + 2, L, Dm, dm, EVEN), _load_dout(dout_p, t + 3, L, Dm, dm, EVEN)
+    for c in range(c0, c1):
+        dA_c = tl.zeros((N, BD), tl.float32)
+        P = tl.zeros((BD,), tl.float32)
+        for k in range(0, CHUNK, GROUP):
+            t = c * CHUNK + k
+            h, dA_c, P = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, p0, ok0, A2, sn, bias, Dv, dz_p,
+                                          qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          LOG2_N, LOG2_BD, BC_LANES)
+            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            g0 = _load_dout(dout_p, t + 4, L, Dm, dm, EVEN)
+            h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, p1, ok1, A2, sn, bias, Dv,
+                                          dz_p, qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          LOG2_N, LOG2_BD, BC_LANES)
+            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            g1 = _load_dout(dout_p, t + 5, L, Dm, dm, EVEN)
+            h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, p2, ok2, A2, sn, bias, Dv,
+                                          dz_p, qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          LOG2_N, LOG2_BD, BC_LANES)
+            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            g2 = _load_dout(dout_p, t + 6, L, Dm, dm, EVEN)
+            h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, p3, ok3, A2, sn, bias, Dv,
+                                          dz_p, qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          LOG2_N, LOG2_BD, BC_LANES)
+            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            g3 = _load_dout(dout_p, t + 7, L, Dm, dm, EVEN)
+        tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
+
+
+@triton.jit
+def _load_qa(qa_p, t, L, Dm, dm, EVEN: tl.constexpr):
+    """The first pass's QA of token t (BD,); zeros past the row's end (see _in_row)."""
+    t, ok = _in_row(t, L, EVEN)
+    return tl.load(qa_p + t * Dm, mask=tl.where(ok, dm, False), other=0.0)
+
+
+@triton.jit
+def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
+                             qa_ptr, cin_ptr, du_ptr, ddl_ptr, dB_ptr, dAc_ptr, dD_ptr, dbias_ptr,
+                             L, Dm, n_chunks, seg_len, n_seg,
+                             s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
+                             N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
+                             HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+                             SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
+                             BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+    """The backward's second pass: one segment of one row back from the adjoint entering its end."""
+    pid_d = tl.program_id(0)
+    n_dblk = tl.num_programs(0)
+    s = tl.program_id(1)
     c0 = s * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
     b = tl.program_id(2).to(tl.int64)
     bs = b * n_seg + s
     d = pid_d * BD + tl.arange(0, BD)  # (BD,)
     dm = d < Dm
-    n = tl.arange(0, N)
-    nm = n < N
-    # sn: the state each element of the (N, BD) tiles holds. With BC_LANES (so N < BD) row r of lane j
-    # holds state r ^ (j >> (LOG2_BD - LOG2_N)), which lets _store_channel_sum skip its selects
-    if BC_LANES:
-        sn = n[:, None] ^ (tl.arange(0, BD)[None, :] >> (LOG2_BD - LOG2_N))
-    else:
-        sn = n[:, None]
+    nm = tl.arange(0, N) < N
+    sn = _bwd_lanes(BD, N, LOG2_N, LOG2_BD, BC_LANES)
     A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
     bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
-    u_p, dl_p, z_p = u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, z_ptr + b * s_zb + d
-    B_p, C_p, pos_p = B_ptr + b * s_bb, C_ptr + b * s_cb, pos_ptr + b * s_pb
+    B_p, C_p = B_ptr + b * s_bb, C_ptr + b * s_cb
     B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
-    args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
+    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     row = b * L * Dm + d
-    dout_p, du_p, ddl_p, dz_p = dout_ptr + row, du_ptr + row, ddl_ptr + row, dz_ptr + row
+    dout_p, du_p, ddl_p, qa_p = dout_ptr + row, du_ptr + row, ddl_ptr + row, qa_ptr + row
     dB_p = dB_ptr + (b * L * n_dblk + pid_d) * N  # partials (B, L, n_dblk, N)
-    dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N
-    scr0 = scr_ptr + (bs * n_dblk + pid_d) * (CHUNK // 2) * N * BD  # (CHUNK // 2, N, BD)
-    scr = scr0 + n[:, None] * BD + tl.arange(0, BD)[None, :]
-    stash_rows = tl.arange(0, 2 * N)  # the rows of two consecutive stashed states, one per lane
-    st_p = st_ptr + b * n_chunks * N * Dm + sn * Dm + d[None, :]
-    seg_p = bs * N * Dm + sn * Dm + d[None, :]
+    chunk_p = b * n_chunks * N * Dm + sn * Dm + d[None, :]  # + c N Dm: chunk c's (N, BD) in (B, n_chunks, N, Dm)
     # a_{t+1} g_{t+1}: the adjoint flowing back into token t; at first, what the later segments send
-    gc = tl.load(cin_ptr + seg_p, mask=tl.where(n_seg > 1, dm, False)[None, :], other=0.0)
-    dA_acc = tl.zeros((N, BD), tl.float32)
+    gc = tl.load(cin_ptr + bs * N * Dm + sn * Dm + d[None, :], mask=tl.where(n_seg > 1, dm, False)[None, :],
+                 other=0.0)
     dD_acc = tl.zeros((BD,), tl.float32)
     dbias_acc = tl.zeros((BD,), tl.float32)
+    t = c1 * CHUNK - 1
+    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t - 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t - 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t - 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    g0, g1 = _load_dout(dout_p, t, L, Dm, dm, EVEN), _load_dout(dout_p, t - 1, L, Dm, dm, EVEN)
+    g2, g3 = _load_dout(dout_p, t - 2, L, Dm, dm, EVEN), _load_dout(dout_p, t - 3, L, Dm, dm, EVEN)
+    q0, q1 = _load_qa(qa_p, t, L, Dm, dm, EVEN), _load_qa(qa_p, t - 1, L, Dm, dm, EVEN)
+    q2, q3 = _load_qa(qa_p, t - 2, L, Dm, dm, EVEN), _load_qa(qa_p, t - 3, L, Dm, dm, EVEN)
     for cc in range(c1 - c0):
         c = c1 - 1 - cc
-        h = tl.where(c > 0, tl.load(st_p + tl.maximum(c - 1, 0) * N * Dm, mask=dm[None, :], other=0.0), 0.0)
-        # forward through the chunk, stashing the state entering every other token; loads GROUP tokens ahead
-        t = c * CHUNK
-        u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-        u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-        u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-        u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-        for k in range(0, CHUNK, GROUP):
-            t = c * CHUNK + k
-            tl.store(scr + (k // 2) * N * BD, h)
-            dt, _, a, x = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h = a * h + x
-            u0, dl0, B0, C_, z_, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
-                                                       False, HAS_POS, BC_LANES, EVEN)
-            dt, _, a, x = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h = a * h + x
-            u1, dl1, B1, C_, z_, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
-                                                       False, HAS_POS, BC_LANES, EVEN)
-            tl.store(scr + (k // 2 + 1) * N * BD, h)
-            dt, _, a, x = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h = a * h + x
-            u2, dl2, B2, C_, z_, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
-                                                       False, HAS_POS, BC_LANES, EVEN)
-            dt, _, a, x = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h = a * h + x
-            u3, dl3, B3, C_, z_, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
-                                                       False, HAS_POS, BC_LANES, EVEN)
-        # back through the groups, each token's inputs re-loaded for the group before as soon as used
-        t = c * CHUNK + CHUNK - GROUP
-        u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-        u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-        u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-        u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-        g0, g1 = _load_dout(dout_p, t, L, Dm, dm, EVEN), _load_dout(dout_p, t + 1, L, Dm, dm, EVEN)
-        g2, g3 = _load_dout(dout_p, t + 2, L, Dm, dm, EVEN), _load_dout(dout_p, t + 3, L, Dm, dm, EVEN)
+        # X_t = g_t a_t h_{t-1} = K_t + sum of q_s over the chunk's s >= t; at the chunk's end gc times the saved state
+        K = gc * tl.load(st_ptr + chunk_p + c * N * Dm, mask=dm[None, :], other=0.0)
+        RQ = tl.zeros((BD,), tl.float32)
+        dA_c = tl.load(dAc_ptr + chunk_p + c * N * Dm, mask=dm[None, :], other=0.0)  # the first pass's part
         for kk in range(0, CHUNK, GROUP):
-            k = CHUNK - GROUP - kk
-            t = c * CHUNK + k
-            tp = tl.maximum(t - GROUP, 0)  # the group before (a harmless re-load at the chunk's start)
-            # the two states the next group reads back, asked for now (this group's own at the chunk's start)
-            _prefetch_l1(scr0 + (tl.maximum(k // 2 - 2, 0) * N + stash_rows) * BD, PREFETCH)
-            # tokens 3 and 2 of the group from the state stashed before token 2, then 1 and 0 from the one
-            # before token 0: two states and decays live at a time
-            h2 = tl.load(scr + (k // 2 + 1) * N * BD)
-            dt2, dsp2, a2, x2 = _decay_input(dl2, u2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h3 = a2 * h2 + x2
-            dt3, dsp3, a3, x3 = _decay_input(dl3, u3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h4 = a3 * h3 + x3
-            gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h3, h4, a3, dt3, dsp3, t + 3, u3, B3, C3, z3, g3, du_p, ddl_p, dz_p, dB_p, dC_p,
-                A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
-                LOG2_N, LOG2_BD, BC_LANES, EVEN)
-            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp + 3, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g3 = _load_dout(dout_p, tp + 3, L, Dm, dm, EVEN)
-            gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h2, h3, a2, dt2, dsp2, t + 2, u2, B2, C2, z2, g2, du_p, ddl_p, dz_p, dB_p, dC_p,
-                A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
-                LOG2_N, LOG2_BD, BC_LANES, EVEN)
-            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp + 2, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g2 = _load_dout(dout_p, tp + 2, L, Dm, dm, EVEN)
-            h0 = tl.load(scr + (k // 2) * N * BD)
-            dt0, dsp0, a0, x0 = _decay_input(dl0, u0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h1 = a0 * h0 + x0
-            dt1, dsp1, a1, x1 = _decay_input(dl1, u1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-            h2 = a1 * h1 + x1
-            gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h1, h2, a1, dt1, dsp1, t + 1, u1, B1, C1, z1, g1, du_p, ddl_p, dz_p, dB_p, dC_p,
-                A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
-                LOG2_N, LOG2_BD, BC_LANES, EVEN)
-            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp + 1, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g1 = _load_dout(dout_p, tp + 1, L, Dm, dm, EVEN)
-            gc, dA_acc, dD_acc, dbias_acc = _bwd_token(
-                gc, h0, h1, a0, dt0, dsp0, t, u0, B0, C0, z0, g0, du_p, ddl_p, dz_p, dB_p, dC_p,
-                A2, sn, Dv, dA_acc, dD_acc, dbias_acc, L, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, SOFTPLUS,
-                LOG2_N, LOG2_BD, BC_LANES, EVEN)
+            t = c * CHUNK + CHUNK - 1 - kk
+            tp = tl.maximum(t - GROUP, GROUP - 1)  # the group before (a harmless re-load at the row's start)
+            gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+                gc, K, RQ, dA_c, dD_acc, dbias_acc, t, u0, dl0, B0, C0, z0, g0, q0, p0, ok0, A2, sn, bias, Dv,
+                du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g0 = _load_dout(dout_p, tp, L, Dm, dm, EVEN)
-    tl.store(dA_ptr + (bs * N + sn) * Dm + d[None, :], dA_acc, mask=dm[None, :])
-    if HAS_D:
-        tl.store(dD_ptr + bs * Dm + d, dD_acc, mask=dm)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + bs * Dm + d, dbias_acc, mask=dm)
+            g0, q0 = _load_dout(dout_p, tp, L, Dm, dm, EVEN), _load_qa(qa_p, tp, L, Dm, dm, EVEN)
+            gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+                gc, K, RQ, dA_c, dD_acc, dbias_acc, t - 1, u1, dl1, B1, C1, z1, g1, q1, p1, ok1, A2, sn, bias, Dv,
+                du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            g1, q1 = _load_dout(dout_p, tp - 1, L, Dm, dm, EVEN), _load_qa(qa_p, tp - 1, L, Dm, dm, EVEN)
+            gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+                gc, K, RQ, dA_c, dD_acc, dbias_acc, t - 2, u2, dl2, B2, C2, z2, g2, q2, p2, ok2, A2, sn, bias, Dv,
+                du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            g2, q2 = _load_dout(dout_p, tp - 2, L, Dm, dm, EVEN), _load_qa(qa_p, tp - 2, L, Dm, dm, EVEN)
+            gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+                gc, K, RQ, dA_c, dD_acc, dbias_acc, t - 3, u3, dl3, B3, C3, z3, g3, q3, p3, ok3, A2, sn, bias, Dv,
+                du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
+                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            g3, q3 = _load_dout(dout_p, tp - 3, L, Dm, dm, EVEN), _load_qa(qa_p, tp - 3, L, Dm, dm, EVEN)
+        tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
+    tl.store(dD_ptr + bs * Dm + d, dD_acc, mask=dm)
+    tl.store(dbias_ptr + bs * Dm + d, dbias_acc, mask=dm)
 
 
 # BD channels per program, num_warps, and whether B and C travel one element per lane (BC_LANES,
-# used where 2N <= BD): the best of a sweep on an H200 (notes/perf.md). BC_LANES saves the backward
-# ~60 registers of prefetched B and C and 15-20% of its time; the forward, which has registers to
-# spare, runs 5-15% faster with every lane loading all of B and C.
+# used where 2N <= BD): the best of a sweep on an H200 (notes/perf.md). BC_LANES saved the earlier
+# one-pass backward ~60 registers of prefetched B and C and 15-20% of its time (its two passes keep it,
+# not timed without); the forward, which has registers to spare, runs 5-15% faster with every lane
+# loading all of B and C.
 SCAN_FWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=False)
 SCAN_BWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=True)
 # How many programs of each kernel fit on a multiprocessor at once (registers: ~120 forward, 255 backward).
 # With the GPU well filled, rows stay whole; else they are split into segments (notes/perf.md).
 SCAN_FWD_PROGRAMS_PER_SM = 16
 SCAN_BWD_PROGRAMS_PER_SM = 8
+# The backward's passes where their whole rows do not fill one wave of 8 programs per SM: registers capped
+# (a few spills) for 12 per SM, and rows split to fill them (see _bwd_grid).
+SCAN_BWD_CAP = dict(maxnreg=168, programs_per_sm=12)
 
 
 def _config(cfg, N, BD, num_warps, bc_lanes):
@@ -1288,27 +1348,43 @@ def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos):
     return tensors, strides, flags
 
 
-def _segments(u, programs, segments, per_sm):
+def _segments(u, programs, segments, per_sm, carry=True):
     """(segment length in tokens, number of segments), a segment being whole chunks: `segments` of them
     if given, else chosen from the waves of programs the GPU runs (slots = per_sm x multiprocessors at
     once). One wave at least 40% full stays whole. Otherwise: the fewest waves x segment length, plus
-    15% for the carry passes that splitting costs and 0.5% per segment (each program's setup). On an
-    H200 at 8 x 2048 tokens this picks forward 16 / 1 / 1 and backward 8 / 1 / 4 segments at d_inner
-    1536 / 4096 / 5120, the best of a sweep or within 0.1% of it (notes/scan_sweep.py, notes/perf.md)."""
+    15% for the carry passes that splitting costs (if `carry`) and 0.5% per segment (each program's
+    setup). On an H200 at 8 x 2048 tokens this picks 16 / 1 / 1 forward segments at d_inner 1536 / 4096 /
+    5120, the best of a sweep or within 0.1% of it (notes/scan_sweep.py, notes/perf.md); the backward's
+    passes, see _bwd_grid."""
     n_chunks = _n_chunks(u.shape[1])
     slots = per_sm * _sm_count(u.device)
 
     def cost(seg_chunks):
         n_seg = triton.cdiv(n_chunks, seg_chunks)
-        return triton.cdiv(programs * n_seg, slots) * seg_chunks / n_chunks + 0.15 * (n_seg > 1) + 0.005 * n_seg
+        return (triton.cdiv(programs * n_seg, slots) * seg_chunks / n_chunks + 0.15 * (carry and n_seg > 1)
+                + 0.005 * n_seg)
 
     if segments is not None:
         seg_chunks = triton.cdiv(n_chunks, min(segments, n_chunks))
-    elif 0.4 * slots <= programs <= slots:
+    elif carry and 0.4 * slots <= programs <= slots:
         seg_chunks = n_chunks
     else:
         seg_chunks = min(range(n_chunks, 0, -1), key=cost)
     return seg_chunks * CHUNK, triton.cdiv(n_chunks, seg_chunks)
+
+
+def _bwd_grid(u, programs, segments, carry):
+    """(segment length, number of segments, maxnreg) of one of the backward's passes (carry: whether split
+    rows need a carry pass). Uncapped (255 registers, SCAN_BWD_PROGRAMS_PER_SM) where whole rows fill one
+    wave of it at least 40%; otherwise capped (SCAN_BWD_CAP), since a second wave would run almost empty (at
+    8 x 2048 tokens: d_inner 5120) and splitting a row costs its carry pass (1536). The whole backward on
+    an H200 at 8 x 2048 tokens, this against the best other grid of the adjoint pass (ms): 1.25 against
+    1.35 (uncapped, 8 segments) at 1536, 3.49 against 4.20 (uncapped, 8) at 5120, 2.83 against 2.93
+    (capped, whole rows) at 4096; no other grid of the states pass swept was faster (notes/perf.md)."""
+    slots = SCAN_BWD_PROGRAMS_PER_SM * _sm_count(u.device)
+    if 0.4 * slots <= programs <= slots:
+        return *_segments(u, programs, segments, SCAN_BWD_PROGRAMS_PER_SM, carry), None
+    return *_segments(u, programs, segments, SCAN_BWD_CAP["programs_per_sm"], carry), SCAN_BWD_CAP["maxnreg"]
 
 
 def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, softplus, reverse):
@@ -1355,31 +1431,36 @@ def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD
 
 def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delta_softplus, BD=None,
                     num_warps=None, bc_lanes=None, segments=None):
-    """Launches the backward; returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)."""
+    """Launches the backward's two passes; returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for
+    absent inputs). `segments` applies to both passes."""
     Bb, L, Dm = u.shape
     N = A.shape[1]
     BD, num_warps, bc_lanes = _config(SCAN_BWD_CONFIG, N, BD, num_warps, bc_lanes)
     n_dblk = triton.cdiv(Dm, BD)
-    seg_len, n_seg = _segments(u, n_dblk * Bb, segments, SCAN_BWD_PROGRAMS_PER_SM)
+    n_chunks = states.shape[1]
     f32 = dict(device=u.device, dtype=torch.float32)
     dout = dout.contiguous()
     du = torch.empty(Bb, L, Dm, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(Bb, L, Dm, device=u.device, dtype=delta.dtype)
     dz = torch.empty(Bb, L, Dm, device=u.device, dtype=z.dtype) if z is not None else du
-    dA = torch.empty(Bb * n_seg, N, Dm, **f32)  # partial sums of each (row, segment)
+    qa = torch.empty(Bb, L, Dm, **f32)
+    dA = torch.empty(Bb, n_chunks, N, Dm, **f32)  # partial sums of each (row, chunk)
     dB = torch.empty(Bb, L, n_dblk, N, **f32)  # partial sums of each channel block
     dC = torch.empty(Bb, L, n_dblk, N, **f32)
-    dD = torch.empty(Bb * n_seg, Dm, **f32)
-    dbias = torch.empty(Bb * n_seg, Dm, **f32)
-    scratch = torch.empty(Bb * n_seg, n_dblk, CHUNK // 2, N, BD, **f32)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
+    consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
+                  LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
+    seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=False)
+    _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dz, dC, dA, L, Dm, n_chunks, seg_len,
+                                                 *strides, maxnreg=maxnreg, **consts)
+    seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
+    dD = torch.empty(Bb * n_seg, Dm, **f32)  # partial sums of each (row, segment)
+    dbias = torch.empty(Bb * n_seg, Dm, **f32)
     cin = _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, True)
-    _scan_bwd_kernel[(n_dblk, n_seg, Bb)](
-        *tensors, states, dout, cin, scratch, du, ddelta, dz, dA, dB, dC, dD, dbias, L, Dm, states.shape[1],
-        seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes,
-        num_warps=num_warps, LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1,
-        PREFETCH=_inline_ptx(), **flags)  # tl.arange: powers of 2
-    return [du, ddelta, dA.sum(0).t().contiguous().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
+    _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, cin, du, ddelta, dB, dA, dD, dbias, L,
+                                                  Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
+                                                  **consts)
+    return [du, ddelta, dA.sum((0, 1)).t().contiguous().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None]
 

@@ -548,11 +548,12 @@ def test_scan_softplus():
         assert ((got.double() - want).abs() / want <= 1e-6 + 1e-7 * x64.abs()).all()
 
 
-@pytest.mark.parametrize("which", [["fwd"], ["bwd"], ["carry"], ["carry", "--reverse"]], ids=" ".join)
+@pytest.mark.parametrize("which", [["fwd"], ["states"], ["adjoint", "--maxnreg", "168"], ["carry"],
+                                   ["carry", "--reverse"]], ids=" ".join)
 def test_scan_kernels_compile_for_sm90(which):
-    """Each scan kernel compiles for sm_90 (H100, H200) as its launcher calls it, the GPU-only inline PTX
-    (the prefetch) included, which the interpreter never compiles; notes/sass.py's offline compile, in a
-    process of its own (the interpreter must be off there), prints its registers and loops."""
+    """Each scan kernel compiles for sm_90 (H100, H200) as its launcher calls it (the adjoint pass with the
+    register cap _bwd_grid may give it), which the interpreter never does; notes/sass.py's offline compile,
+    in a process of its own (the interpreter must be off there), prints its registers and loops."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "notes/sass.py", *which], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -679,6 +680,20 @@ def test_scan_segments(small_chunks):
     assert kernels._segments(u, 16, None, per_sm=16)[1] == 1
     assert kernels._segments(u, 1, None, per_sm=16)[1] == 3
     assert kernels._segments(u, 1, 2, per_sm=16) == (16, 2) and kernels._segments(u, 1, 9, per_sm=16) == (8, 3)
+
+
+def test_scan_bwd_grid(small_chunks):
+    """The backward's passes: uncapped where whole rows fill one wave of SCAN_BWD_PROGRAMS_PER_SM at least
+    40% (one "multiprocessor" on CPU), else capped (SCAN_BWD_CAP) and split to fill its programs per SM.
+    Without a carry pass to pay for, the states pass splits a half-full wave's rows; the adjoint pass not."""
+    u = torch.zeros(2, L_SMALL, 8)  # 3 chunks of 8 tokens
+    full, cap = kernels.SCAN_BWD_PROGRAMS_PER_SM, kernels.SCAN_BWD_CAP
+    for carry in (False, True):
+        assert kernels._bwd_grid(u, full, None, carry) == (3 * 8, 1, None)
+        seg_len, n_seg, maxnreg = kernels._bwd_grid(u, 1, None, carry)
+        assert maxnreg == cap["maxnreg"] and n_seg > 1
+    assert kernels._bwd_grid(u, full // 2, None, True) == (3 * 8, 1, None)
+    assert kernels._bwd_grid(u, full // 2, None, False) == (2 * 8, 2, None)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

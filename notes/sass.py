@@ -8,7 +8,8 @@ ptxas gives a loop's loads one or a few scoreboards, and an instruction that wai
 load on it: a wait a few instructions after a load exposes that load's whole latency, however early the
 value it needs was loaded (notes/perf.md). Counts differ between Triton versions (notes/perf.md's are from
 Triton 3.6, what the H200 runs). Run from the repository root:
-    python notes/sass.py bwd --waits
+    python notes/sass.py adjoint --waits
+    python notes/sass.py adjoint --maxnreg 168   # as _bwd_grid caps it where whole rows underfill the GPU
     python notes/sass.py fwd --kernels path/to/other/kernels.py   # another version of the file
     python notes/sass.py carry --reverse
 """
@@ -24,16 +25,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-KERNELS = {"fwd": "_scan_fwd_kernel", "bwd": "_scan_bwd_kernel", "carry": "_scan_carry_kernel"}
+KERNELS = {"fwd": "_scan_fwd_kernel", "states": "_scan_bwd_states_kernel", "adjoint": "_scan_bwd_adjoint_kernel",
+           "carry": "_scan_carry_kernel"}
 BF16 = {"u_ptr", "dl_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
 
 
-def compile_kernel(module, which, reverse):
+def compile_kernel(module, which, reverse, maxnreg=None):
     """The cubin of one scan kernel, with the constants and argument types its launcher gives it."""
     fn = getattr(module, KERNELS[which])
-    bc_lanes = which == "bwd" or (which == "carry" and reverse)  # as SCAN_*_CONFIG choose at d_state 16
+    bc_lanes = which in ("states", "adjoint") or (which == "carry" and reverse)  # as SCAN_*_CONFIG choose at d_state 16
     consts = dict(N=16, BD=32, CHUNK=module.CHUNK, LOG2_N=4, LOG2_BD=5, HAS_D=True, HAS_Z=True, EVEN=True,
-                  HAS_BIAS=True, HAS_POS=True, SOFTPLUS=True, BC_LANES=bc_lanes, REVERSE=reverse, PREFETCH=True)
+                  HAS_BIAS=True, HAS_POS=True, SOFTPLUS=True, BC_LANES=bc_lanes, REVERSE=reverse)
     # the forward's launcher copies B and C to fp32 where every lane reads all of them (not BC_LANES)
     bc_type = "*bf16" if bc_lanes else "*fp32"
     signature, constexprs = {}, {}
@@ -50,7 +52,8 @@ def compile_kernel(module, which, reverse):
         else:
             signature[name] = "i32"
     src = ASTSource(fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["cubin"]
+    options = dict(num_warps=1, maxnreg=maxnreg)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
 def instructions(sass):
@@ -81,6 +84,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kernel", choices=list(KERNELS), help="which scan kernel")
     parser.add_argument("--reverse", action="store_true", help="carry: the backward's (adjoint) version")
+    parser.add_argument("--maxnreg", type=int, help="a register cap, as the launch option")
     parser.add_argument("--waits", action="store_true", help="list the waits on loads inside each loop")
     parser.add_argument("--kernels", default="kernels.py", help="the kernels.py to compile (default: this one)")
     args = parser.parse_args()
@@ -89,7 +93,7 @@ def main():
     spec = importlib.util.spec_from_file_location("kernels_under_test", args.kernels)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cubin = compile_kernel(module, args.kernel, args.reverse)
+    cubin = compile_kernel(module, args.kernel, args.reverse, args.maxnreg)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
