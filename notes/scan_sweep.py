@@ -1,11 +1,12 @@
 """
 GPU sweep of the scan's segment counts: first the scan against the fp64 reference at 2 rows x 2048,
-d_inner 1536, bf16, for 1, 3 and 8 segments; then the GPU time (bench.gpu_ms) of the forward and the
-backward at several segment counts, packed and pos=None, at d_inner 1536/4096/5120 (8 rows x 2048,
-D1 packing), with the count kernels._segments picks. Results: notes/results/scan_segments_h200.json
-(notes/results/scan_v4_sweep_h200.json came from the v4 version of this script: do_bench times,
-pos=None at the best count only, and the v3 kernels' times), discussed in notes/perf.md. Run from the
-repository root on a GPU:
+d_inner 1536, bf16, for 1, 3 and 8 segments; then the GPU time (bench.gpu_ms) of the forward at several
+segment counts, packed and pos=None, at d_inner 1536/4096/5120 (8 rows x 2048, D1 packing), with the count
+kernels._segments picks. The backward's two passes have a sweep of their own, notes/scan_bwd_grid.py.
+Results: notes/results/scan_segments_h200.json (from the version before the two-pass backward, which swept
+the one-pass backward here too; notes/results/scan_v4_sweep_h200.json came from the v4 version of this
+script: do_bench times, pos=None at the best count only, and the v3 kernels' times), discussed in
+notes/perf.md. Run from the repository root on a GPU:
     python notes/scan_sweep.py out.json
 """
 import json
@@ -21,7 +22,6 @@ import kernels  # noqa: E402
 from kernel_sweep import d1_pos, inputs, rel, timing_shapes  # noqa: E402
 
 FWD_COUNTS = {1536: (1, 4, 6, 8, 11, 16), 4096: (1, 2), 5120: (1, 2)}
-BWD_COUNTS = {1536: (1, 2, 4, 6, 8, 12, 16), 4096: (1, 2), 5120: (1, 2, 3, 4, 5, 6)}
 
 
 def main(out):
@@ -49,29 +49,20 @@ def main(out):
     # GPU ms, L2 flushed before each call
     for Dm, args, dout, pos in timing_shapes():
         t = {}
-        picked = {}
-        for kind, counts, per_sm in (("fwd", FWD_COUNTS[Dm], kernels.SCAN_FWD_PROGRAMS_PER_SM),
-                                     ("bwd", BWD_COUNTS[Dm], kernels.SCAN_BWD_PROGRAMS_PER_SM)):
-            BD = (kernels.SCAN_FWD_CONFIG if kind == "fwd" else kernels.SCAN_BWD_CONFIG)["BD"]
-            picked[kind] = kernels._segments(args[0], triton.cdiv(Dm, BD) * args[0].shape[0], None, per_sm)[1]
-            for bounds, p in (("packed", pos), ("nopos", None)):
-                st = kernels.scan_fwd_triton(*args, p, True)[1] if kind == "bwd" else None  # the backward's input
-                for seg in counts:
-                    if kind == "fwd":
-                        fn = lambda: kernels.scan_fwd_triton(*args, p, True, segments=seg)  # noqa: E731
-                    else:
-                        fn = lambda: kernels.scan_bwd_triton(dout, *args, p, st, True, segments=seg)  # noqa: E731
-                    t[f"{kind}_s{seg}_{bounds}"] = bench.gpu_ms(fn)
+        programs = triton.cdiv(Dm, kernels.SCAN_FWD_CONFIG["BD"]) * args[0].shape[0]
+        picked = kernels._segments(args[0], programs, None, kernels.SCAN_FWD_PROGRAMS_PER_SM)[1]
+        for bounds, p in (("packed", pos), ("nopos", None)):
+            for seg in FWD_COUNTS[Dm]:
+                t[f"fwd_s{seg}_{bounds}"] = bench.gpu_ms(lambda: kernels.scan_fwd_triton(*args, p, True, segments=seg))
         res[f"t{Dm}"] = dict(t, picked=picked)
         print(Dm, "picked", picked, {k: round(v, 3) for k, v in t.items()}, flush=True)
-    print(f"\n{'d_inner':>7s} {'pass':4s} {'segments':>8s} {'packed':>7s} {'no pos':>7s} {'bounds':>7s}")
+    print(f"\n{'d_inner':>7s} {'segments':>8s} {'packed':>7s} {'no pos':>7s} {'bounds':>7s}   (forward ms)")
     for Dm in FWD_COUNTS:
         t = res[f"t{Dm}"]
-        for kind, counts in (("fwd", FWD_COUNTS[Dm]), ("bwd", BWD_COUNTS[Dm])):
-            for seg in counts:
-                a, b = t[f"{kind}_s{seg}_packed"], t[f"{kind}_s{seg}_nopos"]
-                mark = " (picked)" if t["picked"][kind] == seg else ""
-                print(f"{Dm:7d} {kind:4s} {seg:8d} {a:7.3f} {b:7.3f} {a / b - 1:+7.1%}{mark}")
+        for seg in FWD_COUNTS[Dm]:
+            a, b = t[f"fwd_s{seg}_packed"], t[f"fwd_s{seg}_nopos"]
+            mark = " (picked)" if t["picked"] == seg else ""
+            print(f"{Dm:7d} {seg:8d} {a:7.3f} {b:7.3f} {a / b - 1:+7.1%}{mark}")
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
 

@@ -1,0 +1,75 @@
+"""
+GPU sweep of the scan backward's grids: each of its two passes (kernels._scan_bwd_states_kernel, forward in
+time; kernels._scan_bwd_adjoint_kernel, back) at several segment counts, uncapped (255 registers) or capped at
+168 (SCAN_BWD_CAP), the other pass as kernels._bwd_grid sets it, against _bwd_grid's own choice ("rule").
+Also each kernel's GPU time in one backward (torch.profiler). Shapes as notes/kernel_sweep.py: 8 rows x 2048
+tokens packed from D1 lengths, d_inner 1536 / 4096 / 5120, bf16; backward GPU ms (bench.gpu_ms), packed.
+Results: notes/results/scan_twopass_grids*_h200.json, discussed in notes/perf.md. Run from the repository
+root on a GPU:
+    python notes/scan_bwd_grid.py out.json
+"""
+import json
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "notes")
+import bench  # noqa: E402
+import kernels  # noqa: E402
+from kernel_sweep import timing_shapes  # noqa: E402
+
+RULE = kernels._bwd_grid
+# name: {pass: (segments, maxnreg)}, "states" the first pass, "adjoint" the second
+VARIANTS = {
+    "rule": {},
+    "st_u1": dict(states=(1, None)), "st_u2": dict(states=(2, None)), "st_c2": dict(states=(2, 168)),
+    "st_c4": dict(states=(4, 168)), "st_c8": dict(states=(8, 168)), "st_c16": dict(states=(16, 168)),
+    "ad_c1": dict(adjoint=(1, 168)), "ad_u1": dict(adjoint=(1, None)), "ad_c2": dict(adjoint=(2, 168)),
+    "ad_c4": dict(adjoint=(4, 168)), "ad_c8": dict(adjoint=(8, 168)), "ad_u8": dict(adjoint=(8, None)),
+}
+
+
+def with_grid(states=None, adjoint=None):
+    """Makes kernels._bwd_grid return (segments, maxnreg) as given for a pass, the rule's choice otherwise."""
+    def grid(u, programs, segments, carry):
+        chosen = adjoint if carry else states
+        if chosen is None:
+            return RULE(u, programs, segments, carry)
+        n_seg, maxnreg = chosen
+        n_chunks = kernels._n_chunks(u.shape[1])
+        seg_chunks = -(-n_chunks // n_seg)
+        return seg_chunks * kernels.CHUNK, -(-n_chunks // seg_chunks), maxnreg
+    kernels._bwd_grid = grid
+
+
+def main(out):
+    res = {"env": bench.environment("cuda", [])}
+    for Dm, args, dout, pos in timing_shapes():
+        _, states = kernels.scan_fwd_triton(*args, pos, True)
+        fn = lambda: kernels.scan_bwd_triton(dout, *args, pos, states, True)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        res[f"kernels_{Dm}"] = {e.key[:60]: e.device_time_total / 5 / 1000 for e in prof.key_averages()
+                                if e.device_time_total > 0}
+        print(Dm, {k: round(v, 3) for k, v in res[f"kernels_{Dm}"].items()}, flush=True)
+        for name, v in VARIANTS.items():
+            with_grid(**v)
+            try:
+                res[f"{name}_{Dm}"] = bench.gpu_ms(fn)
+            finally:
+                kernels._bwd_grid = RULE
+            print(f"  {Dm} {name:8s} {res[f'{name}_{Dm}']:.3f}", flush=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or not torch.cuda.is_available():
+        raise SystemExit(__doc__ + "\n(needs a GPU)")
+    main(sys.argv[1])
