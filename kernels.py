@@ -1443,8 +1443,8 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     du = torch.empty(Bb, L, Dm, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(Bb, L, Dm, device=u.device, dtype=delta.dtype)
     dz = torch.empty(Bb, L, Dm, device=u.device, dtype=z.dtype) if z is not None else du
-    qa = torch.empty(Bb, L, Dm, **f32)
-    dA = torch.empty(Bb, n_chunks, N, Dm, **f32)  # partial sums of each (row, chunk)
+    qa = torch.empty(Bb, L, Dm, **f32)  # QA of every token: the first pass writes it, the second reads it back
+    dA = torch.empty(Bb, n_chunks, N, Dm, **f32)  # partial sums of each (row, chunk), both passes adding
     dB = torch.empty(Bb, L, n_dblk, N, **f32)  # partial sums of each channel block
     dC = torch.empty(Bb, L, n_dblk, N, **f32)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
