@@ -808,10 +808,11 @@ def _bc_lanes(B_p, C_p, s_bl, s_cl, BD: tl.constexpr, N: tl.constexpr, BC_LANES:
 
 
 @triton.jit
-def _load_dout(dout_p, t, L, Dm, dm, EVEN: tl.constexpr):
-    """dL/dout of token t (BD,) in fp32; zeros past the row's end (see _in_row)."""
+def _load_row(p, t, L, Dm, dm, EVEN: tl.constexpr):
+    """Token t's (BD,) of a (B, L, Dm) tensor at p (this row and these channels): dL/dout, or the backward's
+    QA, in fp32; zeros past the row's end (see _in_row)."""
     t, ok = _in_row(t, L, EVEN)
-    return tl.load(dout_p + t * Dm, mask=tl.where(ok, dm, False), other=0.0).to(tl.float32)
+    return tl.load(p + t * Dm, mask=tl.where(ok, dm, False), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -916,32 +917,32 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    g0 = _load_dout(dout_p, t, L, Dm, dm, EVEN) if REVERSE else 0.0
-    g1 = _load_dout(dout_p, t + step, L, Dm, dm, EVEN) if REVERSE else 0.0
-    g2 = _load_dout(dout_p, t + 2 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
-    g3 = _load_dout(dout_p, t + 3 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
+    g0 = _load_row(dout_p, t, L, Dm, dm, EVEN) if REVERSE else 0.0
+    g1 = _load_row(dout_p, t + step, L, Dm, dm, EVEN) if REVERSE else 0.0
+    g2 = _load_row(dout_p, t + 2 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
+    g3 = _load_row(dout_p, t + 3 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
     for k in range(0, (c1 - c0) * CHUNK, GROUP):
         t = (c1 * CHUNK - 1 - k) if REVERSE else (c0 * CHUNK + k)
         c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, C0, z0, g0, p0, ok0, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4 * step, L, dm, nm, *strides,
                                                    HAS_Z, HAS_POS, BC_LANES, EVEN)
-        g0 = _load_dout(dout_p, t + 4 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
+        g0 = _load_row(dout_p, t + 4 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
         c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, C1, z1, g1, p1, ok1, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5 * step, L, dm, nm, *strides,
                                                    HAS_Z, HAS_POS, BC_LANES, EVEN)
-        g1 = _load_dout(dout_p, t + 5 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
+        g1 = _load_row(dout_p, t + 5 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
         c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, C2, z2, g2, p2, ok2, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6 * step, L, dm, nm, *strides,
                                                    HAS_Z, HAS_POS, BC_LANES, EVEN)
-        g2 = _load_dout(dout_p, t + 6 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
+        g2 = _load_row(dout_p, t + 6 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
         c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, C3, z3, g3, p3, ok3, bias, A2, sn,
                                    REVERSE, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
         u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7 * step, L, dm, nm, *strides,
                                                    HAS_Z, HAS_POS, BC_LANES, EVEN)
-        g3 = _load_dout(dout_p, t + 7 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
+        g3 = _load_row(dout_p, t + 7 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
     P = tl.where(cut != 0, 0.0, tl.exp2(sdt[None, :] * A2))
     out = (b * n_seg + s) * N * Dm + sn * Dm + d[None, :]
     tl.store(loc_ptr + out, c, mask=dm[None, :])
@@ -1179,8 +1180,8 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    g0, g1 = _load_dout(dout_p, t, L, Dm, dm, EVEN), _load_dout(dout_p, t + 1, L, Dm, dm, EVEN)
-    g2, g3 = _load_dout(dout_p, t + 2, L, Dm, dm, EVEN), _load_dout(dout_p, t + 3, L, Dm, dm, EVEN)
+    g0, g1 = _load_row(dout_p, t, L, Dm, dm, EVEN), _load_row(dout_p, t + 1, L, Dm, dm, EVEN)
+    g2, g3 = _load_row(dout_p, t + 2, L, Dm, dm, EVEN), _load_row(dout_p, t + 3, L, Dm, dm, EVEN)
     for c in range(c0, c1):
         dA_c = tl.zeros((N, BD), tl.float32)
         P = tl.zeros((BD,), tl.float32)
@@ -1191,33 +1192,26 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
                                           LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g0 = _load_dout(dout_p, t + 4, L, Dm, dm, EVEN)
+            g0 = _load_row(dout_p, t + 4, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, p1, ok1, A2, sn, bias, Dv,
                                           dz_p, qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g1 = _load_dout(dout_p, t + 5, L, Dm, dm, EVEN)
+            g1 = _load_row(dout_p, t + 5, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, p2, ok2, A2, sn, bias, Dv,
                                           dz_p, qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g2 = _load_dout(dout_p, t + 6, L, Dm, dm, EVEN)
+            g2 = _load_row(dout_p, t + 6, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, p3, ok3, A2, sn, bias, Dv,
                                           dz_p, qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g3 = _load_dout(dout_p, t + 7, L, Dm, dm, EVEN)
+            g3 = _load_row(dout_p, t + 7, L, Dm, dm, EVEN)
         tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
-
-
-@triton.jit
-def _load_qa(qa_p, t, L, Dm, dm, EVEN: tl.constexpr):
-    """The first pass's QA of token t (BD,); zeros past the row's end (see _in_row)."""
-    t, ok = _in_row(t, L, EVEN)
-    return tl.load(qa_p + t * Dm, mask=tl.where(ok, dm, False), other=0.0)
 
 
 @triton.jit
@@ -1262,10 +1256,10 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t - 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t - 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t - 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    g0, g1 = _load_dout(dout_p, t, L, Dm, dm, EVEN), _load_dout(dout_p, t - 1, L, Dm, dm, EVEN)
-    g2, g3 = _load_dout(dout_p, t - 2, L, Dm, dm, EVEN), _load_dout(dout_p, t - 3, L, Dm, dm, EVEN)
-    q0, q1 = _load_qa(qa_p, t, L, Dm, dm, EVEN), _load_qa(qa_p, t - 1, L, Dm, dm, EVEN)
-    q2, q3 = _load_qa(qa_p, t - 2, L, Dm, dm, EVEN), _load_qa(qa_p, t - 3, L, Dm, dm, EVEN)
+    g0, g1 = _load_row(dout_p, t, L, Dm, dm, EVEN), _load_row(dout_p, t - 1, L, Dm, dm, EVEN)
+    g2, g3 = _load_row(dout_p, t - 2, L, Dm, dm, EVEN), _load_row(dout_p, t - 3, L, Dm, dm, EVEN)
+    q0, q1 = _load_row(qa_p, t, L, Dm, dm, EVEN), _load_row(qa_p, t - 1, L, Dm, dm, EVEN)
+    q2, q3 = _load_row(qa_p, t - 2, L, Dm, dm, EVEN), _load_row(qa_p, t - 3, L, Dm, dm, EVEN)
     for cc in range(c1 - c0):
         c = c1 - 1 - cc
         # X_t = g_t a_t h_{t-1} = K_t + sum of q_s over the chunk's s >= t; at the chunk's end gc times the saved state
@@ -1279,28 +1273,30 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
                 gc, K, RQ, dA_c, dD_acc, dbias_acc, t, u0, dl0, B0, C0, z0, g0, q0, p0, ok0, A2, sn, bias, Dv,
                 du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g0, q0 = _load_dout(dout_p, tp, L, Dm, dm, EVEN), _load_qa(qa_p, tp, L, Dm, dm, EVEN)
+            g0, q0 = _load_row(dout_p, tp, L, Dm, dm, EVEN), _load_row(qa_p, tp, L, Dm, dm, EVEN)
             gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
                 gc, K, RQ, dA_c, dD_acc, dbias_acc, t - 1, u1, dl1, B1, C1, z1, g1, q1, p1, ok1, A2, sn, bias, Dv,
                 du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g1, q1 = _load_dout(dout_p, tp - 1, L, Dm, dm, EVEN), _load_qa(qa_p, tp - 1, L, Dm, dm, EVEN)
+            g1, q1 = _load_row(dout_p, tp - 1, L, Dm, dm, EVEN), _load_row(qa_p, tp - 1, L, Dm, dm, EVEN)
             gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
                 gc, K, RQ, dA_c, dD_acc, dbias_acc, t - 2, u2, dl2, B2, C2, z2, g2, q2, p2, ok2, A2, sn, bias, Dv,
                 du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g2, q2 = _load_dout(dout_p, tp - 2, L, Dm, dm, EVEN), _load_qa(qa_p, tp - 2, L, Dm, dm, EVEN)
+            g2, q2 = _load_row(dout_p, tp - 2, L, Dm, dm, EVEN), _load_row(qa_p, tp - 2, L, Dm, dm, EVEN)
             gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
                 gc, K, RQ, dA_c, dD_acc, dbias_acc, t - 3, u3, dl3, B3, C3, z3, g3, q3, p3, ok3, A2, sn, bias, Dv,
                 du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
-            g3, q3 = _load_dout(dout_p, tp - 3, L, Dm, dm, EVEN), _load_qa(qa_p, tp - 3, L, Dm, dm, EVEN)
+            g3, q3 = _load_row(dout_p, tp - 3, L, Dm, dm, EVEN), _load_row(qa_p, tp - 3, L, Dm, dm, EVEN)
         tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
-    tl.store(dD_ptr + bs * Dm + d, dD_acc, mask=dm)
-    tl.store(dbias_ptr + bs * Dm + d, dbias_acc, mask=dm)
+    if HAS_D:
+        tl.store(dD_ptr + bs * Dm + d, dD_acc, mask=dm)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + bs * Dm + d, dbias_acc, mask=dm)
 
 
 # BD channels per program, num_warps, and whether B and C travel one element per lane (BC_LANES,

@@ -38,9 +38,8 @@ def with_grid(states=None, adjoint=None):
         if chosen is None:
             return RULE(u, programs, segments, carry)
         n_seg, maxnreg = chosen
-        n_chunks = kernels._n_chunks(u.shape[1])
-        seg_chunks = -(-n_chunks // n_seg)
-        return seg_chunks * kernels.CHUNK, -(-n_chunks // seg_chunks), maxnreg
+        seg_len, n_seg = kernels._segments(u, programs, n_seg, 1, carry)  # an explicit count is kept
+        return seg_len, n_seg, maxnreg
     kernels._bwd_grid = grid
 
 
