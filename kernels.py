@@ -1103,23 +1103,27 @@ def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias
 
 
 @triton.jit
-def _bwd_adjoint_token(gc, K, RQ, dA_c, dD_acc, dbias_acc, t, u, dl, Bt, Ct, zz, dout, qa, p, ok, A2, sn, bias, Dv,
-                       du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
+def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dl, Bt, Ct, zz, dout, qa, p, ok, A2, sn, bias,
+                       Dv, du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr,
                        LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's second pass, back in time. gc = a_{t+1} g_{t+1} (N, BD) comes in, a_t g_t goes
-    out; K = X_{c1} - sum of k_s over the chunk's tokens s >= t (N, BD), RQ = the sum of QA over them (BD,)."""
+    out. With K_t = X_{c1} - sum of k_s over the chunk's tokens s >= t: RX = sum over states of A K_{t+1}, plus
+    the sum of QA over the chunk's tokens after t (BD,), comes in, the same for t goes out; Suf = the sum of dt
+    over the chunk's tokens after t (BD,), T = over the whole chunk. dA_c gathers sum_t dt_t K_t as
+    X_{c1} T - sum_s k_s (T - Suf_s), so K itself is never formed."""
     dt, ddt_dpre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
     uf = u.to(tl.float32)
     dy = _gate(dout, zz, HAS_Z)
     g = gc + _col(Ct, True, sn, BC_LANES) * dy[None, :]  # (N, BD): dL/dh_t
     Bf = _col(Bt, False, sn, BC_LANES)
     dtu = dt * uf
-    K -= gc * Bf * dtu[None, :]  # k_t = a_{t+1} g_{t+1} x_t
-    RQ += qa
+    kx = gc * Bf  # k_t / (dt_t u_t), k_t = a_{t+1} g_{t+1} x_t
+    RX += qa - tl.sum(kx * A2, 0) * dtu  # sum over states of A X_t
     gBs = tl.sum(g * Bf, 0)  # (BD,)
-    ddt = (tl.sum(K * A2, 0) + RQ) * LN2 + gBs * uf  # sum over states of X_t A, plus the input's term
-    dA_c += K * dt[None, :]
+    ddt = RX * LN2 + gBs * uf  # the decay's term, plus the input's
+    dA_c -= kx * (dtu * (T - Suf))[None, :]
+    Suf += dt
     du = gBs * dt
     if HAS_D:
         du += dy * Dv
@@ -1130,7 +1134,7 @@ def _bwd_adjoint_token(gc, K, RQ, dA_c, dD_acc, dbias_acc, t, u, dl, Bt, Ct, zz,
     tl.store(du_p + t * Dm, du.to(du_p.dtype.element_ty), mask=m)
     tl.store(ddl_p + t * Dm, ddelta.to(ddl_p.dtype.element_ty), mask=m)
     _store_channel_sum(dB_p + t * n_dblk * N, g * dtu[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
-    return a * g, K, RQ, dA_c, dD_acc, dbias_acc
+    return a * g, RX, Suf, dA_c, dD_acc, dbias_acc
 
 
 @triton.jit
@@ -1146,7 +1150,7 @@ def _bwd_lanes(BD: tl.constexpr, N: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD:
 
 @triton.jit
 def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
-                            qa_ptr, dz_ptr, dC_ptr, dAc_ptr, L, Dm, n_chunks, seg_len,
+                            qa_ptr, dz_ptr, dC_ptr, dAc_ptr, dt_ptr, L, Dm, n_chunks, seg_len,
                             s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                             N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
                             HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
@@ -1212,11 +1216,12 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g3 = _load_row(dout_p, t + 7, L, Dm, dm, EVEN)
         tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
+        tl.store(dt_ptr + (b * n_chunks + c) * Dm + d, P, mask=dm)  # the chunk's sum of dt, for the second pass
 
 
 @triton.jit
 def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
-                             qa_ptr, cin_ptr, du_ptr, ddl_ptr, dB_ptr, dAc_ptr, dD_ptr, dbias_ptr,
+                             qa_ptr, cin_ptr, du_ptr, ddl_ptr, dB_ptr, dAc_ptr, dt_ptr, dD_ptr, dbias_ptr,
                              L, Dm, n_chunks, seg_len, n_seg,
                              s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                              N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
@@ -1263,31 +1268,33 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     for cc in range(c1 - c0):
         c = c1 - 1 - cc
         # X_t = g_t a_t h_{t-1} = K_t + sum of q_s over the chunk's s >= t; at the chunk's end gc times the saved state
-        K = gc * tl.load(st_ptr + chunk_p + c * N * Dm, mask=dm[None, :], other=0.0)
-        RQ = tl.zeros((BD,), tl.float32)
-        dA_c = tl.load(dAc_ptr + chunk_p + c * N * Dm, mask=dm[None, :], other=0.0)  # the first pass's part
+        X = gc * tl.load(st_ptr + chunk_p + c * N * Dm, mask=dm[None, :], other=0.0)
+        T = tl.load(dt_ptr + (b * n_chunks + c) * Dm + d, mask=dm, other=0.0)  # the chunk's sum of dt
+        RX = tl.sum(X * A2, 0)
+        Suf = tl.zeros((BD,), tl.float32)
+        dA_c = X * T[None, :] + tl.load(dAc_ptr + chunk_p + c * N * Dm, mask=dm[None, :], other=0.0)  # + the first pass's
         for kk in range(0, CHUNK, GROUP):
             t = c * CHUNK + CHUNK - 1 - kk
             tp = tl.maximum(t - GROUP, GROUP - 1)  # the group before (a harmless re-load at the row's start)
-            gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
-                gc, K, RQ, dA_c, dD_acc, dbias_acc, t, u0, dl0, B0, C0, z0, g0, q0, p0, ok0, A2, sn, bias, Dv,
+            gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u0, dl0, B0, C0, z0, g0, q0, p0, ok0, A2, sn, bias, Dv,
                 du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
             g0, q0 = _load_row(dout_p, tp, L, Dm, dm, EVEN), _load_row(qa_p, tp, L, Dm, dm, EVEN)
-            gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
-                gc, K, RQ, dA_c, dD_acc, dbias_acc, t - 1, u1, dl1, B1, C1, z1, g1, q1, p1, ok1, A2, sn, bias, Dv,
+            gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 1, u1, dl1, B1, C1, z1, g1, q1, p1, ok1, A2, sn, bias, Dv,
                 du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g1, q1 = _load_row(dout_p, tp - 1, L, Dm, dm, EVEN), _load_row(qa_p, tp - 1, L, Dm, dm, EVEN)
-            gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
-                gc, K, RQ, dA_c, dD_acc, dbias_acc, t - 2, u2, dl2, B2, C2, z2, g2, q2, p2, ok2, A2, sn, bias, Dv,
+            gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 2, u2, dl2, B2, C2, z2, g2, q2, p2, ok2, A2, sn, bias, Dv,
                 du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g2, q2 = _load_row(dout_p, tp - 2, L, Dm, dm, EVEN), _load_row(qa_p, tp - 2, L, Dm, dm, EVEN)
-            gc, K, RQ, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
-                gc, K, RQ, dA_c, dD_acc, dbias_acc, t - 3, u3, dl3, B3, C3, z3, g3, q3, p3, ok3, A2, sn, bias, Dv,
+            gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 3, u3, dl3, B3, C3, z3, g3, q3, p3, ok3, A2, sn, bias, Dv,
                 du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
@@ -1441,20 +1448,21 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     dz = torch.empty(Bb, L, Dm, device=u.device, dtype=z.dtype) if z is not None else du
     qa = torch.empty(Bb, L, Dm, **f32)  # QA of every token: the first pass writes it, the second reads it back
     dA = torch.empty(Bb, n_chunks, N, Dm, **f32)  # partial sums of each (row, chunk), both passes adding
+    dts = torch.empty(Bb, n_chunks, Dm, **f32)  # each chunk's sum of dt: the first pass writes it, the second reads it
     dB = torch.empty(Bb, L, n_dblk, N, **f32)  # partial sums of each channel block
     dC = torch.empty(Bb, L, n_dblk, N, **f32)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
     consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
                   LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=False)
-    _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dz, dC, dA, L, Dm, n_chunks, seg_len,
-                                                 *strides, maxnreg=maxnreg, **consts)
+    _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dz, dC, dA, dts, L, Dm, n_chunks,
+                                                 seg_len, *strides, maxnreg=maxnreg, **consts)
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
     dD = torch.empty(Bb * n_seg, Dm, **f32)  # partial sums of each (row, segment)
     dbias = torch.empty(Bb * n_seg, Dm, **f32)
     cin = _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, True)
-    _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, cin, du, ddelta, dB, dA, dD, dbias, L,
-                                                  Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
+    _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, cin, du, ddelta, dB, dA, dts, dD, dbias,
+                                                  L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
                                                   **consts)
     return [du, ddelta, dA.sum((0, 1)).t().contiguous().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
