@@ -32,9 +32,10 @@ from torch import Tensor
 
 # The scan forward keeps the fp32 state at the end of every CHUNK tokens for the
 # backward, which recomputes everything else from the inputs (see _scan_bwd_adjoint_kernel).
-# The backward's dA and ddelta sum terms that cancel over up to CHUNK tokens: at 64 their
-# fp32 error is 2-3x smaller than at 128, for 3-4% more backward time (notes/perf.md).
-CHUNK = 64
+# The backward's dA and ddelta sum terms that cancel over up to CHUNK tokens: at 128 their
+# fp32 error is ~2x what it is at 64, still a third of the tests' bound, for 3% less time and
+# half the saved states (notes/perf.md).
+CHUNK = 128
 
 # -----------------------------------------------------------------------------
 # PyTorch references (any device; fp32 math, fp64 for fp64 inputs; differentiable by autograd)
@@ -734,9 +735,10 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # the forward): the k part, X's sum_N A for ddelta (with the running sum of QA),
 # and the rest. The split terms cancel where X is small, so each chunk's dA is
 # summed from its two parts before the chunks are. The cancellation grows with the
-# chunk: on an H200 at CHUNK 64, dA's fp32 error is 1.5x the reference's own and
-# d(delta bias)'s 7x, 2-3x more at CHUNK 128, more still with q and k each keeping
-# the C_t dy_t x_t they share (notes/perf.md).
+# chunk: on an H200 at CHUNK 128, dA's fp32 error is 3.5x the fp32 reference's own
+# and d(delta bias)'s ~9x (3.5e-6 and 3.1e-6 relative, the bound 1.1-1.3e-5), about
+# half of that at CHUNK 64, more with q and k each keeping the C_t dy_t x_t they
+# share (notes/perf.md).
 # dB and dC are sums over channels: each program writes its partial sum over its
 # BD channels (a reduce-scatter across lanes, _store_channel_sum) and torch sums
 # the partials (deterministic, no atomics); dA per (row, chunk), dD and d(delta
