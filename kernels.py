@@ -1077,7 +1077,7 @@ def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr
 
 @triton.jit
 def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias, Dv, dz_p, qa_p, dC_p, Dm, dm, nm,
-                     n_dblk, N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's first pass, forward in time: the state h (N, BD) after it, and what needs h.
     dz and dC; QA = sum over states of A2 q (BD,), q = C dy a h_{t-1} (N, BD) being the token's term in X
@@ -1100,13 +1100,13 @@ def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias
         tl.store(dz_p + t * Dm, (dout * y * sz * (1 + zf * (1 - sz))).to(dz_p.dtype.element_ty), mask=m)
     tl.store(qa_p + t * Dm, dy * tl.sum(qC * A2, 0), mask=m)
     dA_c += qC * (dy * P)[None, :]
-    _store_channel_sum(dC_p + t * n_dblk * N, h * dy[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
+    _store_channel_sum(dC_p + t * N, h * dy[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
     return h, dA_c, P
 
 
 @triton.jit
 def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dl, Bt, Ct, zz, dout, qa, p, ok, A2, sn, bias,
-                       Dv, du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N: tl.constexpr, HAS_D: tl.constexpr,
+                       Dv, du_p, ddl_p, dB_p, Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr,
                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr,
                        LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's second pass, back in time. gc = a_{t+1} g_{t+1} (N, BD) comes in, a_t g_t goes
@@ -1135,7 +1135,7 @@ def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dl, Bt, Ct
     dbias_acc += tl.where(m, ddelta, 0.0)
     tl.store(du_p + t * Dm, du.to(du_p.dtype.element_ty), mask=m)
     tl.store(ddl_p + t * Dm, ddelta.to(ddl_p.dtype.element_ty), mask=m)
-    _store_channel_sum(dB_p + t * n_dblk * N, g * dtu[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
+    _store_channel_sum(dB_p + t * N, g * dtu[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
     return a * g, RX, Suf, dA_c, dD_acc, dbias_acc
 
 
@@ -1160,7 +1160,6 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
                             BC_LANES: tl.constexpr, EVEN: tl.constexpr):
     """The backward's first pass: one segment of one row forward from the saved state entering it (no carry pass)."""
     pid_d = tl.program_id(0)
-    n_dblk = tl.num_programs(0)
     c0 = tl.program_id(1) * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
     b = tl.program_id(2).to(tl.int64)
@@ -1177,7 +1176,7 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     row = b * L * Dm + d
     dout_p, dz_p, qa_p = dout_ptr + row, dz_ptr + row, qa_ptr + row
-    dC_p = dC_ptr + (b * L * n_dblk + pid_d) * N  # partials (B, L, n_dblk, N)
+    dC_p = dC_ptr + (pid_d * tl.num_programs(2) + b) * L * N  # partials (n_dblk, B, L, N)
     chunk_p = b * n_chunks * N * Dm + sn * Dm + d[None, :]  # + c N Dm: chunk c's (N, BD) in (B, n_chunks, N, Dm)
     h = tl.where(c0 > 0, tl.load(st_ptr + chunk_p + tl.maximum(c0 - 1, 0) * N * Dm, mask=dm[None, :], other=0.0),
                  0.0)
@@ -1194,25 +1193,25 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, p0, ok0, A2, sn, bias, Dv, dz_p,
-                                          qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          qa_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g0 = _load_row(dout_p, t + 4, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, p1, ok1, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          dz_p, qa_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g1 = _load_row(dout_p, t + 5, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, p2, ok2, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          dz_p, qa_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g2 = _load_row(dout_p, t + 6, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, p3, ok3, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dC_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          dz_p, qa_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
@@ -1232,7 +1231,6 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
                              BC_LANES: tl.constexpr, EVEN: tl.constexpr):
     """The backward's second pass: one segment of one row back from the adjoint entering its end."""
     pid_d = tl.program_id(0)
-    n_dblk = tl.num_programs(0)
     s = tl.program_id(1)
     c0 = s * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
@@ -1251,7 +1249,7 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     row = b * L * Dm + d
     dout_p, du_p, ddl_p, qa_p = dout_ptr + row, du_ptr + row, ddl_ptr + row, qa_ptr + row
-    dB_p = dB_ptr + (b * L * n_dblk + pid_d) * N  # partials (B, L, n_dblk, N)
+    dB_p = dB_ptr + (pid_d * tl.num_programs(2) + b) * L * N  # partials (n_dblk, B, L, N)
     chunk_p = b * n_chunks * N * Dm + sn * Dm + d[None, :]  # + c N Dm: chunk c's (N, BD) in (B, n_chunks, N, Dm)
     # a_{t+1} g_{t+1}: the adjoint flowing back into token t; at first, what the later segments send
     gc = tl.load(cin_ptr + bs * N * Dm + sn * Dm + d[None, :], mask=tl.where(n_seg > 1, dm, False)[None, :],
@@ -1280,24 +1278,24 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             tp = tl.maximum(t - GROUP, GROUP - 1)  # the group before (a harmless re-load at the row's start)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
                 gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u0, dl0, B0, C0, z0, g0, q0, p0, ok0, A2, sn, bias, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
             g0, q0 = _load_row(dout_p, tp, L, Dm, dm, EVEN), _load_row(qa_p, tp, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
                 gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 1, u1, dl1, B1, C1, z1, g1, q1, p1, ok1, A2, sn, bias, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g1, q1 = _load_row(dout_p, tp - 1, L, Dm, dm, EVEN), _load_row(qa_p, tp - 1, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
                 gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 2, u2, dl2, B2, C2, z2, g2, q2, p2, ok2, A2, sn, bias, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g2, q2 = _load_row(dout_p, tp - 2, L, Dm, dm, EVEN), _load_row(qa_p, tp - 2, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
                 gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 3, u3, dl3, B3, C3, z3, g3, q3, p3, ok3, A2, sn, bias, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, n_dblk, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g3, q3 = _load_row(dout_p, tp - 3, L, Dm, dm, EVEN), _load_row(qa_p, tp - 3, L, Dm, dm, EVEN)
@@ -1451,8 +1449,9 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     qa = torch.empty(Bb, L, Dm, **f32)  # QA of every token: the first pass writes it, the second reads it back
     dA = torch.empty(Bb, n_chunks, N, Dm, **f32)  # partial sums of each (row, chunk), both passes adding
     dts = torch.empty(Bb, n_chunks, Dm, **f32)  # each chunk's sum of dt: the first pass writes it, the second reads it
-    dB = torch.empty(Bb, L, n_dblk, N, **f32)  # partial sums of each channel block
-    dC = torch.empty(Bb, L, n_dblk, N, **f32)
+    # partial sums of each channel block, block outermost: torch sums them in one coalesced sweep
+    dB = torch.empty(n_dblk, Bb, L, N, **f32)
+    dC = torch.empty_like(dB)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
     consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
                   LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
@@ -1466,7 +1465,7 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, cin, du, ddelta, dB, dA, dts, dD, dbias,
                                                   L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
                                                   **consts)
-    return [du, ddelta, dA.sum((0, 1)).t().contiguous().to(A.dtype), dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype),
+    return [du, ddelta, dA.sum((0, 1)).t().contiguous().to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None]
 
