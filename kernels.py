@@ -1110,7 +1110,7 @@ def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dl, Bt, Ct
                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr,
                        LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's second pass, back in time. gc = a_{t+1} g_{t+1} (N, BD) comes in, a_t g_t goes
-    out. With K_t = X_{c1} - sum of k_s over the chunk's tokens s >= t: RX = sum over states of A K_{t+1}, plus
+    out. With K_t = X_{c1} - sum of k_s over the chunk's tokens s >= t: RX = sum over states of A2 K_{t+1}, plus
     the sum of QA over the chunk's tokens after t (BD,), comes in, the same for t goes out; Suf = the sum of dt
     over the chunk's tokens after t (BD,), T = over the whole chunk. dA_c gathers sum_t dt_t K_t as
     X_{c1} T - sum_s k_s (T - Suf_s), so K itself is never formed."""
@@ -1121,7 +1121,7 @@ def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dl, Bt, Ct
     Bf = _col(Bt, False, sn, BC_LANES)
     dtu = dt * uf
     kx = gc * Bf  # k_t / (dt_t u_t), k_t = a_{t+1} g_{t+1} x_t
-    RX += qa - tl.sum(kx * A2, 0) * dtu  # sum over states of A X_t
+    RX += qa - tl.sum(kx * A2, 0) * dtu  # sum over states of A2 X_t (A2 = A log2(e))
     gBs = tl.sum(g * Bf, 0)  # (BD,)
     ddt = RX * LN2 + gBs * uf  # the decay's term, plus the input's
     dA_c -= kx * (dtu * (T - Suf))[None, :]
@@ -1381,8 +1381,8 @@ def _bwd_grid(u, programs, segments, carry):
     rows need a carry pass). Uncapped (255 registers, SCAN_BWD_PROGRAMS_PER_SM) where whole rows fill one
     wave of it at least 40%; otherwise capped (SCAN_BWD_CAP), since a second wave would run almost empty (at
     8 x 2048 tokens: d_inner 5120) and splitting a row costs its carry pass (1536). The whole backward on
-    an H200 at 8 x 2048 tokens, this against the best other grid of the adjoint pass (ms): 1.25 against
-    1.35 (uncapped, 8 segments) at 1536, 3.49 against 4.20 (uncapped, 8) at 5120, 2.83 against 2.93
+    an H200 at 8 x 2048 tokens (CHUNK 128), this against the adjoint pass's other grids (ms): 1.21 against
+    1.30 (uncapped, 8 segments) at 1536, 3.35 against 4.04 (uncapped, 8) at 5120, 2.75 against 2.79
     (capped, whole rows) at 4096; no other grid of the states pass swept was faster (notes/perf.md)."""
     slots = SCAN_BWD_PROGRAMS_PER_SM * _sm_count(u.device)
     if 0.4 * slots <= programs <= slots:
