@@ -884,16 +884,16 @@ def _carry_token(c, sdt, cut, u, dl, Bt, Ct, zz, dout, p, ok, bias, A2, sn, REVE
 
 @triton.jit
 def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos_ptr, dout_ptr, loc_ptr, P_ptr,
-                       L, Dm, seg_len, n_seg, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
+                       L, Dm, seg_len, first, n_c, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                        N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr,
                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr,
                        BC_LANES: tl.constexpr, EVEN: tl.constexpr):
-    """Segment-local carries, each started from zero. Forward: the state leaving the segment,
-    h = a_t h + dt_t u_t B_t, for segments 0 .. n_seg-2. Backward (REVERSE): the adjoint leaving its
-    first token, g = a_t (g + C_t dy_t) walking back, for segments 1 .. n_seg-1. With P = prod a_t
-    over the segment (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains."""
+    """Local carries of n_c pieces of seg_len tokens (first, first + 1, ... of the row), each started from
+    zero. Forward: the state leaving the piece, h = a_t h + dt_t u_t B_t. Backward (REVERSE): the adjoint
+    leaving its first token, g = a_t (g + C_t dy_t) walking back. With P = prod a_t over the piece (N, BD),
+    the true carry is loc + P carry_in, which _scan_combine_kernel chains."""
     b = tl.program_id(2).to(tl.int64)
-    s = tl.program_id(1) + (1 if REVERSE else 0)
+    s = tl.program_id(1) + first
     # the segment's chunks [c0, c1): the last segment may have fewer, and with EVEN no token past L may be walked
     c0 = s * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, tl.cdiv(L, CHUNK))
@@ -946,7 +946,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
                                                    HAS_Z, HAS_POS, BC_LANES, EVEN)
         g3 = _load_row(dout_p, t + 7 * step, L, Dm, dm, EVEN) if REVERSE else 0.0
     P = tl.where(cut != 0, 0.0, tl.exp2(sdt[None, :] * A2))
-    out = (b * n_seg + s) * N * Dm + sn * Dm + d[None, :]
+    out = (b * n_c + tl.program_id(1)) * N * Dm + sn * Dm + d[None, :]
     tl.store(loc_ptr + out, c, mask=dm[None, :])
     tl.store(P_ptr + out, P, mask=dm[None, :])
 
@@ -958,20 +958,24 @@ def _chain(P1, loc1, P2, loc2):
 
 
 @triton.jit
-def _scan_combine_kernel(loc_ptr, P_ptr, n_seg, M, SEGS: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
-    """Chains the segments' local carries (B, n_seg, M) in place into the carry entering each segment
-    (zero for the first in the pass's direction): one associative scan along the segments."""
+def _scan_combine_kernel(loc_ptr, P_ptr, cin_ptr, n_c, sub, n_seg, M, SEGS: tl.constexpr, BLOCK: tl.constexpr,
+                         REVERSE: tl.constexpr):
+    """Chains the carry pass's n_c local carries (B, n_c, M), sub pieces to a segment, into the carry entering
+    each segment, cin (B, n_seg, M) (zero for the first in the pass's direction): one associative scan."""
     b = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
     j = tl.arange(0, SEGS)[:, None]  # (SEGS, 1)
-    m = (j < n_seg) & (i < M)
-    loc = tl.load(loc_ptr + (b * n_seg + j) * M + i, mask=m, other=0.0)  # (SEGS, BLOCK)
-    P = tl.load(P_ptr + (b * n_seg + j) * M + i, mask=m, other=1.0)
-    _, c = tl.associative_scan((P, loc), 0, _chain, reverse=REVERSE)  # c[j]: the carry leaving segment j
-    to = j - 1 if REVERSE else j + 1  # the segment it enters
-    tl.store(loc_ptr + (b * n_seg + to) * M + i, c, mask=m & (to >= 0) & (to < n_seg))
+    m = (j < n_c) & (i < M)
+    loc = tl.load(loc_ptr + (b * n_c + j) * M + i, mask=m, other=0.0)  # (SEGS, BLOCK)
+    P = tl.load(P_ptr + (b * n_c + j) * M + i, mask=m, other=1.0)
+    _, c = tl.associative_scan((P, loc), 0, _chain, reverse=REVERSE)  # c[j]: the carry leaving piece j
+    # pieces that end a segment, and the segment their carry enters: forward, piece s sub - 1 enters segment s;
+    # backward (pieces counted from segment 1), piece s sub enters segment s
+    ends = (j % sub == 0) if REVERSE else ((j + 1) % sub == 0)
+    to = j // sub if REVERSE else (j + 1) // sub
+    tl.store(cin_ptr + (b * n_seg + to) * M + i, c, mask=m & ends & (to < n_seg))
     first = n_seg - 1 if REVERSE else 0
-    tl.store(loc_ptr + (b * n_seg + first) * M + i, tl.zeros((1, BLOCK), tl.float32), mask=i < M)
+    tl.store(cin_ptr + (b * n_seg + first) * M + i, tl.zeros((1, BLOCK), tl.float32), mask=i < M)
 
 
 @triton.jit
@@ -1392,22 +1396,33 @@ def _bwd_grid(u, programs, segments, carry):
 
 def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, softplus, reverse):
     """The carry entering each segment (B, n_seg, N, Dm) fp32: the state for the forward (reverse=False),
-    the adjoint a_{t+1} g_{t+1} for the backward. Nothing to compute for one segment."""
+    the adjoint a_{t+1} g_{t+1} for the backward. Nothing to compute for one segment. The carry pass walks
+    pieces of one chunk (sub to a segment), not whole segments: where the segments leave the GPU underfilled
+    (they do where the main pass is capped to 12 programs per SM and the carry pass fits 16), that fills it;
+    at most 1024 pieces per row (the combine's tile). H200, d_inner 1536, 8 x 2048 tokens, backward (4
+    segments of 4 chunks): 1.189 -> 1.158 ms (notes/perf.md)."""
     u, A = tensors[0], tensors[2]
     if n_seg == 1:
         return A.new_zeros(1)
     Bb, L, Dm = u.shape
     N = A.shape[0]
-    loc = torch.empty(Bb, n_seg, N, Dm, device=u.device, dtype=torch.float32)
+    k = seg_len // CHUNK  # chunks per segment
+    sub = max(m for m in range(1, k + 1) if k % m == 0 and n_seg * m <= max(n_seg, 1024))
+    # the pieces whose carries some segment needs: forward, all of the segments before the last; backward,
+    # all after the first
+    n_c = (n_seg - 1) * sub if not reverse else triton.cdiv(_n_chunks(L), k // sub) - sub
+    loc = torch.empty(Bb, n_c, N, Dm, device=u.device, dtype=torch.float32)
     P = torch.empty_like(loc)
     flags = {k: v for k, v in flags.items() if k != "HAS_D"}
-    _scan_carry_kernel[(triton.cdiv(Dm, BD), n_seg - 1, Bb)](  # all of _scan_args' tensors but D
-        *tensors[:5], *tensors[6:], dout, loc, P, L, Dm, seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK,
-        REVERSE=reverse, SOFTPLUS=softplus, BC_LANES=bc_lanes, num_warps=num_warps, **flags)
-    SEGS = triton.next_power_of_2(n_seg)
-    _scan_combine_kernel[(triton.cdiv(N * Dm, 2048 // SEGS), Bb)](loc, P, n_seg, N * Dm, SEGS=SEGS,
+    _scan_carry_kernel[(triton.cdiv(Dm, BD), n_c, Bb)](  # all of _scan_args' tensors but D
+        *tensors[:5], *tensors[6:], dout, loc, P, L, Dm, seg_len // sub, sub if reverse else 0, n_c, *strides,
+        N=N, BD=BD, CHUNK=CHUNK, REVERSE=reverse, SOFTPLUS=softplus, BC_LANES=bc_lanes, num_warps=num_warps,
+        **flags)
+    cin = torch.empty(Bb, n_seg, N, Dm, device=u.device, dtype=torch.float32)
+    SEGS = triton.next_power_of_2(n_c)
+    _scan_combine_kernel[(triton.cdiv(N * Dm, 2048 // SEGS), Bb)](loc, P, cin, n_c, sub, n_seg, N * Dm, SEGS=SEGS,
                                                                    BLOCK=2048 // SEGS, REVERSE=reverse)
-    return loc
+    return cin
 
 
 def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD=None, num_warps=None,

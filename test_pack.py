@@ -649,6 +649,15 @@ def test_scan_triton_whole_chunks(segments, bc_lanes, small_chunks):
     check_scan_triton(3 * kernels.CHUNK, [[1, 7, 8, 1, 7], [9, 15]], segments, bc_lanes)
 
 
+@pytest.mark.parametrize("bc_lanes", [False, True])
+@pytest.mark.parametrize("segments", [2, 3])
+def test_scan_triton_carry_pieces(segments, bc_lanes, small_chunks):
+    """Segments of several chunks (6 x 8 tokens in 2 or 3 segments), whose carry passes walk one chunk per
+    program: the combine picks the carries at the segments' edges out of the chunks'. Documents span chunk
+    and segment edges; the second row is one document."""
+    check_scan_triton(6 * kernels.CHUNK, [[5, 20, 3, 20], [48]], segments, bc_lanes)
+
+
 def test_scan_triton_optional_inputs(small_chunks):
     """No D, no z, no delta bias, no softplus; blocks of 2 channels (fewer than the states: dB and dC
     summed by tl.sum, not the reduce-scatter) and two segments."""
