@@ -1359,16 +1359,17 @@ def _segments(u, programs, segments, per_sm, carry=True):
     """(segment length in tokens, number of segments), a segment being whole chunks: `segments` of them
     if given, else chosen from the waves of programs the GPU runs (slots = per_sm x multiprocessors at
     once). One wave at least 40% full stays whole. Otherwise: the fewest waves x segment length, plus
-    15% for the carry passes that splitting costs (if `carry`) and 0.5% per segment (each program's
-    setup). On an H200 at 8 x 2048 tokens this picks 16 / 1 / 1 forward segments at d_inner 1536 / 4096 /
-    5120, the best of a sweep or within 0.1% of it (notes/scan_sweep.py, notes/perf.md); the backward's
-    passes, see _bwd_grid."""
+    the carry pass that splitting costs (if `carry`: 15% of a whole pass times the share of the row it
+    walks, all segments but the last) and 0.5% per segment (each program's setup). On an H200 at 8 x 2048 tokens
+    this picks 4 / 1 / 1 forward segments at d_inner 1536 / 4096 / 5120, the best of a sweep (1536: 0.404
+    ms, 16 segments 0.414, 8 0.429; notes/scan_sweep.py, notes/perf.md); the backward's passes, see
+    _bwd_grid."""
     n_chunks = _n_chunks(u.shape[1])
     slots = per_sm * _sm_count(u.device)
 
     def cost(seg_chunks):
         n_seg = triton.cdiv(n_chunks, seg_chunks)
-        return (triton.cdiv(programs * n_seg, slots) * seg_chunks / n_chunks + 0.15 * (carry and n_seg > 1)
+        return (triton.cdiv(programs * n_seg, slots) * seg_chunks / n_chunks + 0.15 * carry * (n_seg - 1) / n_seg
                 + 0.005 * n_seg)
 
     if segments is not None:
@@ -1385,9 +1386,10 @@ def _bwd_grid(u, programs, segments, carry):
     rows need a carry pass). Uncapped (255 registers, SCAN_BWD_PROGRAMS_PER_SM) where whole rows fill one
     wave of it at least 40%; otherwise capped (SCAN_BWD_CAP), since a second wave would run almost empty (at
     8 x 2048 tokens: d_inner 5120) and splitting a row costs its carry pass (1536). The whole backward on
-    an H200 at 8 x 2048 tokens (CHUNK 128), this against the adjoint pass's other grids (ms): 1.21 against
-    1.30 (uncapped, 8 segments) at 1536, 3.35 against 4.04 (uncapped, 8) at 5120, 2.75 against 2.79
-    (capped, whole rows) at 4096; no other grid of the states pass swept was faster (notes/perf.md)."""
+    an H200 at 8 x 2048 tokens (CHUNK 128), this against the adjoint pass's other grids (ms): 1.16 against
+    1.27 (uncapped, 8 segments) at 1536, 3.30 against 4.01 (uncapped, 8) at 5120, 2.69 against 2.74
+    (capped, whole rows) at 4096; no other grid of either pass swept was faster by more than 0.1%
+    (notes/scan_bwd_grid.py, notes/perf.md)."""
     slots = SCAN_BWD_PROGRAMS_PER_SM * _sm_count(u.device)
     if 0.4 * slots <= programs <= slots:
         return *_segments(u, programs, segments, SCAN_BWD_PROGRAMS_PER_SM, carry), None
