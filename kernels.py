@@ -711,10 +711,12 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # Segments: the recurrence is linear, so the state entering a segment is the
 # sum over the segments before it of their state started from zero, each
 # decayed by the product of the decays after it (0 past a document start).
-# _scan_carry_kernel computes every segment's local carry and decay product
-# (one more exp per state and token), _scan_combine_kernel chains them (an
-# associative scan over segments), and the main kernels start from the result.
-# The backward does the same for the adjoint, walking the other way.
+# _scan_carry_kernel computes the local carry and decay product of every chunk
+# a segment needs (one more exp per state and token; a chunk per program, so it
+# fills the GPU where the segments do not), _scan_combine_kernel chains them (an
+# associative scan over the chunks) into the carry entering each segment, and
+# the main kernels start from that. The backward does the same for the adjoint,
+# walking the other way.
 #
 # What the backward needs and what is saved: the inputs, plus the state at the
 # end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 32 states
