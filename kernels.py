@@ -886,7 +886,8 @@ def _carry_token(c, sdt, cut, u, dl, Bt, Ct, zz, dout, p, ok, bias, A2, sn, REVE
 
 @triton.jit
 def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos_ptr, dout_ptr, loc_ptr, P_ptr,
-                       L, Dm, seg_len, first, n_c, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
+                       L, Dm, seg_len, first, n_c,
+                       s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                        N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr,
                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr,
                        BC_LANES: tl.constexpr, EVEN: tl.constexpr):
@@ -896,7 +897,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     the true carry is loc + P carry_in, which _scan_combine_kernel chains."""
     b = tl.program_id(2).to(tl.int64)
     s = tl.program_id(1) + first
-    # the segment's chunks [c0, c1): the last segment may have fewer, and with EVEN no token past L may be walked
+    # the piece's chunks [c0, c1): the last piece may have fewer, and with EVEN no token past L may be walked
     c0 = s * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, tl.cdiv(L, CHUNK))
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
@@ -1362,10 +1363,10 @@ def _segments(u, programs, segments, per_sm, carry=True):
     if given, else chosen from the waves of programs the GPU runs (slots = per_sm x multiprocessors at
     once). One wave at least 40% full stays whole. Otherwise: the fewest waves x segment length, plus
     the carry pass that splitting costs (if `carry`: 15% of a whole pass times the share of the row it
-    walks, all segments but the last) and 0.5% per segment (each program's setup). On an H200 at 8 x 2048 tokens
-    this picks 4 / 1 / 1 forward segments at d_inner 1536 / 4096 / 5120, the best of a sweep (1536: 0.404
-    ms, 16 segments 0.414, 8 0.429; notes/scan_sweep.py, notes/perf.md); the backward's passes, see
-    _bwd_grid."""
+    walks, all segments but the last) and 0.5% per segment (each program's setup). On an H200 at 8 x
+    2048 tokens this picks 4 / 1 / 1 forward segments at d_inner 1536 / 4096 / 5120, the best of a sweep
+    (1536: 0.404 ms, 16 segments 0.414, 8 0.429; notes/scan_sweep.py, notes/perf.md); the backward's
+    passes, see _bwd_grid."""
     n_chunks = _n_chunks(u.shape[1])
     slots = per_sm * _sm_count(u.device)
 
@@ -1410,11 +1411,11 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
         return A.new_zeros(1)
     Bb, L, Dm = u.shape
     N = A.shape[0]
-    k = seg_len // CHUNK  # chunks per segment
-    sub = max(m for m in range(1, k + 1) if k % m == 0 and n_seg * m <= max(n_seg, 1024))
+    seg_chunks = seg_len // CHUNK
+    sub = max(m for m in range(1, seg_chunks + 1) if seg_chunks % m == 0 and n_seg * m <= max(n_seg, 1024))
     # the pieces whose carries some segment needs: forward, all of the segments before the last; backward,
     # all after the first
-    n_c = (n_seg - 1) * sub if not reverse else triton.cdiv(_n_chunks(L), k // sub) - sub
+    n_c = (n_seg - 1) * sub if not reverse else triton.cdiv(_n_chunks(L), seg_chunks // sub) - sub
     loc = torch.empty(Bb, n_c, N, Dm, device=u.device, dtype=torch.float32)
     P = torch.empty_like(loc)
     flags = {k: v for k, v in flags.items() if k != "HAS_D"}
