@@ -913,10 +913,10 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     dout_p = dout_ptr + b * L * Dm + d
     c = tl.zeros((N, BD), tl.float32)
-    sdt = tl.zeros((BD,), tl.float32)  # sum of dt over the segment: P = exp(A sdt) unless a document starts
-    cut = 0  # 1 once a document starts inside the segment
+    sdt = tl.zeros((BD,), tl.float32)  # sum of dt over the piece: P = exp(A sdt) unless a document starts
+    cut = 0  # 1 once a document starts inside the piece
     step: tl.constexpr = -1 if REVERSE else 1
-    t = c1 * CHUNK - 1 if REVERSE else c0 * CHUNK  # the segment's first token in walking order
+    t = c1 * CHUNK - 1 if REVERSE else c0 * CHUNK  # the piece's first token in walking order
     # unrolled by GROUP, each token's inputs re-loaded GROUP tokens ahead as soon as used (as in the forward)
     u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
@@ -956,7 +956,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
 
 @triton.jit
 def _chain(P1, loc1, P2, loc2):
-    """Two consecutive segments' (decay product, local carry) as one: c -> P2 (P1 c + loc1) + loc2."""
+    """Two consecutive pieces' (decay product, local carry) as one: c -> P2 (P1 c + loc1) + loc2."""
     return P1 * P2, P2 * loc1 + loc2
 
 
