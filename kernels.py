@@ -34,7 +34,7 @@ from torch import Tensor
 # backward, which recomputes everything else from the inputs (see _scan_bwd_adjoint_kernel).
 # The backward's dA and ddelta sum terms that cancel over up to CHUNK tokens: at 128 their
 # fp32 error is ~2x what it is at 64, still a third of the tests' bound, for 3% less time and
-# half the saved states (notes/perf.md).
+# half the saved states (notes/perf.md). A multiple of 8: the kernels walk 4 or 8 tokens per turn.
 CHUNK = 128
 
 # -----------------------------------------------------------------------------
@@ -700,10 +700,13 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # forms y is (mostly) inside a thread. The program walks its tokens one at a
 # time: the recurrence h = a h + x is one FMA per state, and the work of a token
 # is a few loads, one softplus per channel and one exp2 per state. Loads run
-# GROUP tokens ahead of their use: the loop is unrolled by GROUP, and each
-# token's inputs are re-loaded for token + GROUP as soon as they are consumed.
+# GROUP tokens ahead of their use (FWD_AHEAD in the forward): the loop is
+# unrolled by that many, and each token's inputs are re-loaded for the token
+# that many ahead as soon as they are consumed. ptxas tracks the forward loop's
+# loads on one scoreboard, so the loop's first use of a loaded value waits for
+# the loads just issued: one full load latency per turn (notes/perf.md).
 # B and C are the same for every channel. Either every lane loads all of them
-# (2N values per token, held GROUP tokens ahead: 64 registers at N = 16), or
+# (2N values per token, spread over the lanes until used), or
 # (BC_LANES) lane j loads one value, B[j] or C[j - N], and each is broadcast by a
 # shuffle where used (2N shuffles per token, 4 registers): the backward, whose
 # state needs every register, takes the second (notes/perf.md).
@@ -749,6 +752,9 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 GROUP = tl.constexpr(4)
+# the forward's loop: 8 slots of inputs, one wait for its loads per 8 tokens instead of per 4 (159 registers
+# instead of 124): on an H200 at 8 x 2048, 7% faster at d_inner 4096, 1-2% at 1536 and 5120 (notes/perf.md)
+FWD_AHEAD = tl.constexpr(8)
 
 
 @triton.jit
@@ -917,7 +923,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     cut = 0  # 1 once a document starts inside the piece
     step: tl.constexpr = -1 if REVERSE else 1
     t = c1 * CHUNK - 1 if REVERSE else c0 * CHUNK  # the piece's first token in walking order
-    # unrolled by GROUP, each token's inputs re-loaded GROUP tokens ahead as soon as used (as in the forward)
+    # unrolled by GROUP, each token's inputs re-loaded GROUP tokens ahead as soon as used
     u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
     u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2 * step, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
@@ -982,8 +988,11 @@ def _scan_combine_kernel(loc_ptr, P_ptr, cin_ptr, n_c, sub, n_seg, M, SEGS: tl.c
 
 
 @triton.jit
-def _fwd_token(h, t, u, dl, Bt, Ct, zz, p, ok, A2, sn, bias, Dv, out_p, Dm, dm, HAS_D: tl.constexpr,
-               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
+def _fwd_token(h, t, slot, A2, sn, bias, Dv, out_p, Dm, dm, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
+    """Token t of the forward, its inputs in slot (a tuple from _load_token): the state h (N, BD) after it;
+    stores its output."""
+    u, dl, Bt, Ct, zz, p, ok = slot
     dt, _, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
     h = a * h + x  # (N, BD)
     y = tl.sum(h * _col(Ct, True, sn, BC_LANES), 0)  # (BD,)
@@ -1024,31 +1033,37 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     seg_p = (b * n_seg + s) * N * Dm + sn * Dm + d[None, :]
     h = tl.load(cin_ptr + seg_p, mask=tl.where(n_seg > 1, dm, False)[None, :], other=0.0)  # the state entering
     t0 = c0 * CHUNK
-    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t0, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t0 + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t0 + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t0 + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    # slot i: the inputs of the next token t with t % FWD_AHEAD == i (a tuple from _load_token)
+    s0 = _load_token(*args, t0, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    s1 = _load_token(*args, t0 + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    s2 = _load_token(*args, t0 + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    s3 = _load_token(*args, t0 + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    s4 = _load_token(*args, t0 + 4, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    s5 = _load_token(*args, t0 + 5, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    s6 = _load_token(*args, t0 + 6, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    s7 = _load_token(*args, t0 + 7, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    consts = (A2, sn, bias, Dv, out_p, Dm, dm)
     for c in range(c0, c1):
-        # unrolled by GROUP = 4 with no branch inside, so the compiler can interleave the tokens;
-        # each token's inputs are re-loaded GROUP tokens ahead as soon as they are consumed
-        for k in range(0, CHUNK, GROUP):
+        # unrolled by FWD_AHEAD = 8 with no branch inside, so the compiler can interleave the tokens; each
+        # slot is re-loaded FWD_AHEAD tokens ahead as soon as it is consumed
+        for k in range(0, CHUNK, FWD_AHEAD):
             t = c * CHUNK + k
-            h = _fwd_token(h, t, u0, dl0, B0, C0, z0, p0, ok0, A2, sn, bias, Dv, out_p, Dm, dm,
-                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 1, u1, dl1, B1, C1, z1, p1, ok1, A2, sn, bias, Dv, out_p, Dm, dm,
-                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 2, u2, dl2, B2, C2, z2, p2, ok2, A2, sn, bias, Dv, out_p, Dm, dm,
-                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 3, u3, dl3, B3, C3, z3, p3, ok3, A2, sn, bias, Dv, out_p, Dm, dm,
-                           HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            h = _fwd_token(h, t, s0, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s0 = _load_token(*args, t + 8, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 1, s1, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s1 = _load_token(*args, t + 9, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 2, s2, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s2 = _load_token(*args, t + 10, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 3, s3, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s3 = _load_token(*args, t + 11, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 4, s4, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s4 = _load_token(*args, t + 12, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 5, s5, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s5 = _load_token(*args, t + 13, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 6, s6, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s6 = _load_token(*args, t + 14, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 7, s7, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s7 = _load_token(*args, t + 15, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
         tl.store(st_p + c * N * Dm, h, mask=dm[None, :])  # tokens past L were identities: h is h_{L-1}
 
 
@@ -1320,9 +1335,9 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 # loading all of B and C.
 SCAN_FWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=False)
 SCAN_BWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=True)
-# How many programs of each kernel fit on a multiprocessor at once (registers: ~120 forward, 255 backward).
+# How many programs of each kernel fit on a multiprocessor at once (registers: 159 forward, 255 backward).
 # With the GPU well filled, rows stay whole; else they are split into segments (notes/perf.md).
-SCAN_FWD_PROGRAMS_PER_SM = 16
+SCAN_FWD_PROGRAMS_PER_SM = 12
 SCAN_BWD_PROGRAMS_PER_SM = 8
 # The backward's passes where their whole rows do not fill one wave of 8 programs per SM: registers capped
 # (a few spills) for 12 per SM, and rows split to fill them (see _bwd_grid).
@@ -1435,6 +1450,7 @@ def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD
     """Launches the forward; returns out (B, L, Dm) in u.dtype and the chunk-end states (B, n_chunks, N, Dm)."""
     Bb, L, Dm = u.shape
     N = A.shape[1]
+    assert CHUNK % FWD_AHEAD.value == 0, f"CHUNK ({CHUNK}) must be a multiple of {FWD_AHEAD.value}"
     BD, num_warps, bc_lanes = _config(SCAN_FWD_CONFIG, N, BD, num_warps, bc_lanes)
     n_chunks = _n_chunks(L)
     seg_len, n_seg = _segments(u, triton.cdiv(Dm, BD) * Bb, segments, SCAN_FWD_PROGRAMS_PER_SM)
