@@ -4,10 +4,12 @@ at the shapes of notes/kernel_sweep.py (8 rows x 2048 tokens packed from D1 leng
 4096 / 5120, bf16). Each other version is checked first (test_scan_real_size at d_inner 1536 in bf16
 and fp32); a version that fails is reported and not timed. Then every version's forward and backward
 run on the GPU alone (bench.gpu_ms), packed and pos=None, with each gradient's largest difference from
-this checkout's (relative to its largest value). A table last; everything in out.json. Run from the
-repository root on a GPU, the other versions inside the tree (the device copies only the tree), e.g.:
+this checkout's (relative to its largest value). With --fwd, only the forward: its time and its output's
+and chunk states' largest differences from this checkout's. A table last; everything in out.json. Run from
+the repository root on a GPU, the other versions inside the tree (the device copies only the tree), e.g.:
     git show scan-softplus-series:kernels.py > notes/kernels_b.py
     python notes/scan_ab.py out.json notes/kernels_b.py
+    python notes/scan_ab.py --fwd out.json notes/kernels_b.py
 """
 import importlib.util
 import json
@@ -46,9 +48,22 @@ def check(module):
         test_pack.kernels = kernels
 
 
-def main(out, paths):
+def time_fwd(module, args, pos, ref):
+    """The forward's GPU ms, packed and pos=None, and its largest differences from ref (out, states), relative
+    to their largest values."""
+    out, states = module.scan_fwd_triton(*args, pos, True)
+    ref = ref or (out, states)
+    t = {"maxdiff": max(float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-30))
+                        for a, b in zip((out, states), ref))}
+    for bounds, p in (("packed", pos), ("nopos", None)):
+        t[f"fwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_fwd_triton(*args, p, True))
+    return t, ref
+
+
+def main(out, paths, fwd_only):
     versions = [("this", kernels)] + [(os.path.basename(p), load(p)) for p in paths]
-    res = {"env": dict(bench.environment("cuda", []), command=shlex.join(["python", "notes/scan_ab.py", out, *paths])),
+    command = ["python", "notes/scan_ab.py", *(["--fwd"] if fwd_only else []), out, *paths]
+    res = {"env": dict(bench.environment("cuda", []), command=shlex.join(command)),
            "checks": {name: check(module) for name, module in versions[1:]}}
     print("checks:", res["checks"], flush=True)
     versions = [(name, m) for name, m in versions if name == "this" or res["checks"][name] == "pass"]
@@ -56,6 +71,12 @@ def main(out, paths):
     for Dm, args, dout, pos in timing_shapes():
         ref = None
         for name, module in versions:
+            if fwd_only:
+                t, ref = time_fwd(module, args, pos, ref)
+                res[f"{name}_{Dm}"] = t
+                rows.append((Dm, name, t))
+                print(Dm, name, {k: round(v, 4) for k, v in t.items()}, flush=True)
+                continue
             t = {}
             for bounds, p in (("packed", pos), ("nopos", None)):
                 _, states = module.scan_fwd_triton(*args, p, True)
@@ -71,6 +92,14 @@ def main(out, paths):
             print(Dm, name, {k: round(v, 4) for k, v in t.items()}, flush=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
+    if fwd_only:
+        print(f"\n{'d_inner':>7s} {'version':20s} {'fwd':>7s} {'no pos':>7s} {'vs this':>8s} {'maxdiff':>8s}   (ms)")
+        base = {}
+        for Dm, name, t in rows:
+            base.setdefault(Dm, t["fwd_packed"])
+            print(f"{Dm:7d} {name:20s} {t['fwd_packed']:7.3f} {t['fwd_nopos']:7.3f} "
+                  f"{t['fwd_packed'] / base[Dm] - 1:+8.1%} {t['maxdiff']:8.1e}")
+        return
     print(f"\n{'d_inner':>7s} {'version':20s} {'fwd':>7s} {'bwd':>7s} {'fwd+bwd':>8s} {'no pos':>8s} "
           f"{'bounds':>7s} {'vs this':>8s} {'maxdiff':>8s}   (ms, packed unless said)")
     base = {}
@@ -82,6 +111,7 @@ def main(out, paths):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or not torch.cuda.is_available():
+    argv = [a for a in sys.argv[1:] if a != "--fwd"]
+    if not argv or not torch.cuda.is_available():
         raise SystemExit(__doc__ + "\n(needs a GPU)")
-    main(sys.argv[1], sys.argv[2:])
+    main(argv[0], argv[1:], "--fwd" in sys.argv[1:])

@@ -21,7 +21,7 @@ import bench  # noqa: E402
 import kernels  # noqa: E402
 from kernel_sweep import d1_pos, inputs, rel, timing_shapes  # noqa: E402
 
-FWD_COUNTS = {1536: (1, 4, 6, 8, 11, 16), 4096: (1, 2), 5120: (1, 2)}
+FWD_COUNTS = {1536: (1, 4, 6, 8, 11, 16), 4096: (1, 2, 3, 4, 8), 5120: (1, 2, 3, 4, 8)}
 
 
 def main(out):
