@@ -1294,7 +1294,8 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
         T = tl.load(dt_ptr + (b * n_chunks + c) * Dm + d, mask=dm, other=0.0)  # the chunk's sum of dt
         RX = tl.sum(X * A2, 0)
         Suf = tl.zeros((BD,), tl.float32)
-        dA_c = X * T[None, :] + tl.load(dAc_ptr + chunk_p + c * N * Dm, mask=dm[None, :], other=0.0)  # + the first pass's
+        # the chunk's dA: X_{c1} T (the K part's first term) plus the first pass's q part
+        dA_c = X * T[None, :] + tl.load(dAc_ptr + chunk_p + c * N * Dm, mask=dm[None, :], other=0.0)
         for kk in range(0, CHUNK, GROUP):
             t = c * CHUNK + CHUNK - 1 - kk
             tp = tl.maximum(t - GROUP, GROUP - 1)  # the group before (a harmless re-load at the row's start)

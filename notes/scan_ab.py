@@ -48,15 +48,36 @@ def check(module):
         test_pack.kernels = kernels
 
 
-def time_fwd(module, args, pos, ref):
-    """The forward's GPU ms, packed and pos=None, and its largest differences from ref (out, states), relative
-    to their largest values."""
-    out, states = module.scan_fwd_triton(*args, pos, True)
-    ref = ref or (out, states)
-    t = {"maxdiff": max(float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-30))
-                        for a, b in zip((out, states), ref))}
+def maxdiff(got, ref):
+    """The largest difference of any of the tensors got from ref's (None in ref: absent), relative to ref's
+    largest value."""
+    return max(float((g.float() - r.float()).abs().max() / (r.float().abs().max() + 1e-30))
+               for g, r in zip(got, ref) if r is not None)
+
+
+def time_fwd(module, args, dout, pos, ref):
+    """The forward's GPU ms, packed and pos=None, and the largest difference of its output and states from
+    ref's (this checkout's; None: these are)."""
+    got = module.scan_fwd_triton(*args, pos, True)
+    ref = ref or got
+    t = {"maxdiff": maxdiff(got, ref)}
     for bounds, p in (("packed", pos), ("nopos", None)):
         t[f"fwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_fwd_triton(*args, p, True))
+    return t, ref
+
+
+def time_both(module, args, dout, pos, ref):
+    """The forward's and the backward's GPU ms, packed and pos=None, and the largest difference of the
+    gradients (packed) from ref's (this checkout's; None: these are)."""
+    t = {}
+    for bounds, p in (("packed", pos), ("nopos", None)):
+        _, states = module.scan_fwd_triton(*args, p, True)
+        if bounds == "packed":
+            grads = module.scan_bwd_triton(dout, *args, p, states, True)
+            ref = ref or grads
+            t["maxdiff"] = maxdiff(grads, ref)
+        t[f"fwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_fwd_triton(*args, p, True))
+        t[f"bwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_bwd_triton(dout, *args, p, states, True))
     return t, ref
 
 
@@ -67,26 +88,12 @@ def main(out, paths, fwd_only):
            "checks": {name: check(module) for name, module in versions[1:]}}
     print("checks:", res["checks"], flush=True)
     versions = [(name, m) for name, m in versions if name == "this" or res["checks"][name] == "pass"]
+    timed = time_fwd if fwd_only else time_both
     rows = []
     for Dm, args, dout, pos in timing_shapes():
         ref = None
         for name, module in versions:
-            if fwd_only:
-                t, ref = time_fwd(module, args, pos, ref)
-                res[f"{name}_{Dm}"] = t
-                rows.append((Dm, name, t))
-                print(Dm, name, {k: round(v, 4) for k, v in t.items()}, flush=True)
-                continue
-            t = {}
-            for bounds, p in (("packed", pos), ("nopos", None)):
-                _, states = module.scan_fwd_triton(*args, p, True)
-                if bounds == "packed":
-                    grads = module.scan_bwd_triton(dout, *args, p, states, True)
-                    ref = ref or grads
-                    t["maxdiff"] = max(float((g.float() - r.float()).abs().max() / (r.float().abs().max() + 1e-30))
-                                       for g, r in zip(grads, ref) if r is not None)
-                t[f"fwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_fwd_triton(*args, p, True))
-                t[f"bwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_bwd_triton(dout, *args, p, states, True))
+            t, ref = timed(module, args, dout, pos, ref)
             res[f"{name}_{Dm}"] = t
             rows.append((Dm, name, t))
             print(Dm, name, {k: round(v, 4) for k, v in t.items()}, flush=True)
