@@ -652,8 +652,10 @@ def test_scan_triton_whole_chunks(segments, bc_lanes, small_chunks):
 @pytest.mark.parametrize("segments, bc_lanes", [(2, False), (3, True)])
 def test_scan_triton_carry_pieces(segments, bc_lanes, small_chunks):
     """Segments of several chunks (6 x 8 tokens in 2 or 3 segments), whose carry passes walk one chunk per
-    program: the combine picks the carries at the segments' edges out of the chunks'. Documents span chunk
-    and segment edges; the second row is one document. Each B/C mode once (the interpreter is slow)."""
+    program: the combine picks the carries at the segments' edges out of the chunks', and a piece walks only
+    from its last document start (forward; up to its first, backward), none where another starts between it
+    and its segment's end. Documents span chunk and segment edges; the second row is one document. Each B/C
+    mode once (the interpreter is slow)."""
     check_scan_triton(6 * kernels.CHUNK, [[5, 20, 3, 20], [48]], segments, bc_lanes)
 
 
