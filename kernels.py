@@ -715,11 +715,11 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # sum over the segments before it of their state started from zero, each
 # decayed by the product of the decays after it (0 past a document start).
 # _scan_carry_kernel computes the local carry and decay product of every chunk
-# a segment needs (one more exp per state and token; a chunk per program, so it
-# fills the GPU where the segments do not), _scan_combine_kernel chains them (an
-# associative scan over the chunks) into the carry entering each segment, and
-# the main kernels start from that. The backward does the same for the adjoint,
-# walking the other way.
+# a segment needs (one more exp per state and token, for the tokens no document
+# start cuts off; a chunk per program, so it fills the GPU where the segments do
+# not), _scan_combine_kernel chains them (an associative scan over the chunks)
+# into the carry entering each segment, and the main kernels start from that.
+# The backward does the same for the adjoint, walking the other way.
 #
 # What the backward needs and what is saved: the inputs, plus the state at the
 # end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 32 states
@@ -904,8 +904,8 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
     A document start zeroes what came before it in walking order, so only the tokens from the piece's last
     one on (forward; up to its first, backward) are walked, and none where a document starts between the
     piece and its segment's end in walking order: no segment's carry gets anything from the piece then, and
-    it leaves loc = 0, P = 1. With D1 rows of 2048 tokens in 4 segments that skips 14% (forward) and 26%
-    (backward) of the tokens."""
+    it leaves loc = 0, P = 1. In bench.py's D1 rows (2048 tokens, 4 segments at d_inner 1536) that skips 14%
+    (forward) and 26% (backward) of the tokens (notes/perf.md, v15)."""
     b = tl.program_id(2).to(tl.int64)
     s = tl.program_id(1) + first
     # the piece's chunks [c0, c1): the last piece may have fewer, and with EVEN no token past L may be walked
