@@ -13,6 +13,7 @@ import argparse
 import ast
 import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -529,18 +530,21 @@ def small_chunks(monkeypatch):
 def _softplus_kernel(x_ptr, sp_ptr, sig_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
-    sp, sig = kernels._softplus(tl.load(x_ptr + i, mask=m, other=0.0))
+    sp = kernels._softplus(tl.load(x_ptr + i, mask=m, other=0.0))
+    sig = kernels._softplus_slope(sp)
     tl.store(sp_ptr + i, sp, mask=m)
     tl.store(sig_ptr + i, sig, mask=m)
 
 
 def test_scan_softplus():
-    """The scan kernels' softplus (log1p by a series) and its derivative against torch in fp64: large
-    negative inputs (tiny exp), around 0 (the series' slowest point), both sides of the threshold 20,
-    random inputs. Tolerance: a few fp32 ulp, plus what exp(-|x|) itself loses on a GPU, where it is
-    exp2 of the fp32-rounded -|x| log2(e): up to |x| 2^-24 log2(e) ln(2) ~ 6e-8 |x| relative."""
+    """The scan kernels' softplus (log1p by a series) and its derivative (from the softplus, as the backward
+    forms it) against torch in fp64: large negative inputs (tiny exp), around 0 (the series' slowest point),
+    both sides of the threshold 20, random inputs, and both sides of the derivative's switch from its series
+    (softplus 1/2). Tolerance: a few fp32 ulp, plus what exp(-|x|) itself loses on a GPU, where it is exp2 of
+    the fp32-rounded -|x| log2(e): up to |x| 2^-24 log2(e) ln(2) ~ 6e-8 |x| relative."""
     x = torch.cat([torch.linspace(-80, 80, 4001), 5 * torch.randn(4000),
-                   torch.tensor([0.0, -1e-6, 1e-6, 19.999, 20.0, 20.001, -20.0])]).to(DEV)
+                   torch.tensor([0.0, -1e-6, 1e-6, 19.999, 20.0, 20.001, -20.0]),
+                   math.log(math.expm1(0.5)) + torch.linspace(-1e-3, 1e-3, 101)]).to(DEV)
     sp, sig = torch.empty_like(x), torch.empty_like(x)
     _softplus_kernel[(triton.cdiv(x.numel(), 1024),)](x, sp, sig, x.numel(), BLOCK=1024)
     x64 = x.double()
