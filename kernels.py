@@ -792,6 +792,16 @@ def _in_row(t, L, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _in_channels(d, Dm, EVEN_D: tl.constexpr):
+    """d < Dm (BD,): which of the block's channels exist. EVEN_D (Dm a multiple of BD): the constant True, so
+    the masks built from it fold away (ptxas turned two stores under one runtime mask into a branch around
+    them and the work they store: notes/perf.md)."""
+    if EVEN_D:
+        return tl.full(d.shape, 1, tl.int1)
+    return d < Dm
+
+
+@triton.jit
 def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl, s_cl, s_zl, s_pl,
                 HAS_Z: tl.constexpr, HAS_POS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr):
     """Inputs of token t: u, delta, z (BD,), B, C (N,) (with BC_LANES both in one (BD,): lane j holds
@@ -908,7 +918,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
                        s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                        N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr,
                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                       BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+                       BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
     """Local carries of n_c pieces of piece_len tokens (first, first + 1, ... of the row; sub to a segment),
     each started from zero. Forward: the state leaving the piece, h = a_t h + dt_t u_t B_t. Backward
     (REVERSE): the adjoint leaving its first token, g = a_t (g + C_t dy_t) walking back. With P = prod a_t
@@ -944,7 +954,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
         else:
             w0 = tl.maximum(w0, w1 - tl.cdiv(tl.maximum(w1 - start, 0), GROUP) * GROUP)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
-    dm = d < Dm
+    dm = _in_channels(d, Dm, EVEN_D)
     n = tl.arange(0, N)
     nm = n < N
     sn = n[:, None]  # the state each row of the (N, BD) tiles holds (the backward permutes them)
@@ -1047,13 +1057,13 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                      s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                      N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
     b = tl.program_id(2).to(tl.int64)
     s = tl.program_id(1)  # segment: chunks [c0, c1)
     c0 = s * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
-    dm = d < Dm
+    dm = _in_channels(d, Dm, EVEN_D)
     n = tl.arange(0, N)
     nm = n < N
     sn = n[:, None]  # the state each row of the (N, BD) tiles holds (the backward permutes them)
@@ -1218,14 +1228,14 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
                             N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
                             HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
                             SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
-                            BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+                            BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
     """The backward's first pass: one segment of one row forward from the saved state entering it (no carry pass)."""
     pid_d = tl.program_id(0)
     c0 = tl.program_id(1) * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
     b = tl.program_id(2).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)  # (BD,)
-    dm = d < Dm
+    dm = _in_channels(d, Dm, EVEN_D)
     nm = tl.arange(0, N) < N
     sn = _bwd_lanes(BD, N, LOG2_N, LOG2_BD, BC_LANES)
     A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
@@ -1290,7 +1300,7 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
                              N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
                              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
                              SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
-                             BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+                             BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
     """The backward's second pass: one segment of one row back from the adjoint entering its end. Takes dt in
     delta's place and dL/dy in dout's (the first pass stored them; no z)."""
     pid_d = tl.program_id(0)
@@ -1300,7 +1310,7 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     b = tl.program_id(2).to(tl.int64)
     bs = b * n_seg + s
     d = pid_d * BD + tl.arange(0, BD)  # (BD,)
-    dm = d < Dm
+    dm = _in_channels(d, Dm, EVEN_D)
     nm = tl.arange(0, N) < N
     sn = _bwd_lanes(BD, N, LOG2_N, LOG2_BD, BC_LANES)
     A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
@@ -1398,9 +1408,10 @@ def _rowmajor(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos):
+def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos, BD):
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_POS=pos is not None,
-                 EVEN=u.shape[1] % CHUNK == 0)  # rows of whole chunks: no token past the end is used
+                 EVEN=u.shape[1] % CHUNK == 0,  # rows of whole chunks: no token past the end is used
+                 EVEN_D=u.shape[2] % BD == 0)  # blocks of whole channels: no channel masks
     u, delta, B, C = (_rowmajor(t) for t in (u, delta, B, C))
     z = _rowmajor(z) if z is not None else u
     pos_ = pos if pos is not None else u.new_zeros(1, 1, dtype=torch.int32)
@@ -1502,7 +1513,7 @@ def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD
         # every lane reads all of B and C: in fp32 (a copy, 2N values per token) it uses them as read, where
         # in bf16 it unpacks them at 3 instructions per pair: 18% fewer in the token loop, 0-2% faster (notes/perf.md)
         B, C = B.float(), C.float()
-    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
+    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos, BD)
     cin = _carries(tensors, strides, flags, out, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, False)
     _scan_fwd_kernel[(triton.cdiv(Dm, BD), n_seg, Bb)](
         *tensors, out, states, cin, L, Dm, n_chunks, seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK,
@@ -1533,13 +1544,13 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     # partial sums of each channel block, block outermost: torch sums them in one coalesced sweep
     dB = torch.empty(n_dblk, Bb, L, N, **f32)
     dC = torch.empty_like(dB)
-    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
+    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos, BD)
     consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
                   LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=False)
     _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dt_tok, dy_tok, dz, dC, dA, dts, L, Dm,
                                                  n_chunks, seg_len, *strides, maxnreg=maxnreg, **consts)
-    tensors, strides, flags = _scan_args(u, dt_tok, A, B, C, D, None, delta_bias, pos)  # dt for delta, no z
+    tensors, strides, flags = _scan_args(u, dt_tok, A, B, C, D, None, delta_bias, pos, BD)  # dt for delta, no z
     consts.update(flags)
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
     dD = torch.empty(Bb * n_seg, Dm, **f32)  # partial sums of each (row, segment)

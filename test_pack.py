@@ -618,10 +618,11 @@ def test_scan_ref_packed_equals_each_document_alone(layout):
     assert rel(kernels.selective_scan_ref(**x, pos=None), alone_out) > 1e-3
 
 
-def check_scan_triton(L, lengths, segments, bc_lanes):
+def check_scan_triton(L, lengths, segments, bc_lanes, channels=12):
     """The Triton scan on 2 rows of L tokens packed from lengths (None: pos=None) against the reference:
-    output, chunk states and every gradient, fresh random inputs, fp32, two channel blocks (one partial)."""
-    x = scan_inputs(2, L, 12, 4, torch.float32, DEV)
+    output, chunk states and every gradient, fresh random inputs, fp32, channel blocks of 8 (12 channels:
+    the second partial)."""
+    x = scan_inputs(2, L, channels, 4, torch.float32, DEV)
     pos = None if lengths is None else pos_from_lengths(lengths, L, "cpu").to(DEV)
     want, want_states = kernels.selective_scan_ref(**x, pos=pos, return_states=True)
     kw = dict(delta_softplus=True, BD=8, num_warps=1, bc_lanes=bc_lanes, segments=segments)
@@ -651,6 +652,13 @@ def test_scan_triton_whole_chunks(segments, bc_lanes, small_chunks):
     ahead of the last chunk read the last token; documents starting on chunk edges and just after. Two
     segments are 2 chunks and 1: the last segment is shorter than the others."""
     check_scan_triton(3 * kernels.CHUNK, [[1, 7, 8, 1, 7], [9, 15]], segments, bc_lanes)
+
+
+@pytest.mark.parametrize("segments, bc_lanes", [(2, False), (3, True)])
+def test_scan_triton_whole_channel_blocks(segments, bc_lanes, small_chunks):
+    """16 channels in blocks of 8, where the kernels drop the channel masks (EVEN_D), in rows of whole chunks
+    with documents on chunk edges."""
+    check_scan_triton(3 * kernels.CHUNK, [[1, 7, 8, 1, 7], [9, 15]], segments, bc_lanes, channels=16)
 
 
 @pytest.mark.parametrize("segments, bc_lanes", [(2, False), (3, True)])
