@@ -759,18 +759,26 @@ FWD_AHEAD = tl.constexpr(8)
 
 @triton.jit
 def _softplus(x):
-    """torch's softplus (threshold 20) and its derivative sigmoid(x), in fp32. softplus = max(x, 0) +
-    log1p(e), e = exp(-|x|) in (0, 1], with log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3, by its odd
-    series to s^13 (truncation < 2e-8 relative): ~20 instructions on one exp and one reciprocal, where
-    tl.log and a division took ~50, with the same accuracy (a few ulp). Once per token and channel in
-    each pass, it was a tenth of the scan's instructions."""
+    """torch's softplus (threshold 20), in fp32. softplus = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1],
+    with log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3, by its odd series to s^13 (truncation < 2e-8
+    relative): ~20 instructions on one exp and one reciprocal, where tl.log and a division took ~50, with
+    the same accuracy (a few ulp). Once per token and channel in each pass, it was a tenth of the scan's
+    instructions."""
     e = tl.exp(-tl.abs(x))
     s = e / (2.0 + e)
     q = s * s
     series = 1.0 + q * (1 / 3 + q * (1 / 5 + q * (1 / 7 + q * (1 / 9 + q * (1 / 11 + q * (1 / 13))))))
-    softplus = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + 2.0 * s * series)
-    sigmoid = tl.where(x >= 0.0, 1.0, e) / (1.0 + e)
-    return softplus, sigmoid
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + 2.0 * s * series)
+
+
+@triton.jit
+def _softplus_slope(dt):
+    """softplus'(x) = sigmoid(x) from dt = softplus(x) itself, in fp32: 1 - exp(-dt), since exp(-softplus(x))
+    = 1 - sigmoid(x) (above torch's threshold 20 both are 1 in fp32). Below dt = 1/2, where the subtraction
+    would cancel, by the series of 1 - exp(-dt) to dt^8 (truncation < 2e-8 relative)."""
+    series = dt * (1 + dt * (-1 / 2 + dt * (1 / 6 + dt * (-1 / 24 + dt * (1 / 120 + dt * (
+        -1 / 720 + dt * (1 / 5040 + dt * (-1 / 40320))))))))
+    return tl.where(dt < 0.5, series, 1.0 - tl.exp(-dt))
 
 
 @triton.jit
@@ -781,6 +789,16 @@ def _in_row(t, L, EVEN: tl.constexpr):
     if EVEN:
         return tl.minimum(t, L - 1), True
     return t, t < L
+
+
+@triton.jit
+def _in_channels(d, Dm, EVEN_D: tl.constexpr):
+    """d < Dm (BD,): which of the block's channels exist. EVEN_D (Dm a multiple of BD): the constant True, so
+    the masks built from it fold away (ptxas turned two stores under one runtime mask into a branch around
+    them and the work they store: notes/perf.md)."""
+    if EVEN_D:
+        return tl.full(d.shape, 1, tl.int1)
+    return d < Dm
 
 
 @triton.jit
@@ -842,30 +860,33 @@ def _col(x, IS_C: tl.constexpr, sn, BC_LANES: tl.constexpr):
 
 
 @triton.jit
-def _decay(dl, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """One token's dt (BD,), d dt / d delta (BD,; with SOFTPLUS, else 1) and decay a = exp(dt A) (N, BD;
-    0 at a document start). Tokens past the row's end are identities (dt = 0, a = 1)."""
-    pre = dl.to(tl.float32)
-    if HAS_BIAS:
-        pre += bias
-    if SOFTPLUS:
-        dt, ddt_dpre = _softplus(pre)
-    else:
-        dt, ddt_dpre = pre, 1.0
-    dt = tl.where(ok, dt, 0.0)
+def _decay_dt(dt, p, A2):
+    """The decay a = exp(dt A) (N, BD) of a token's dt (BD,), 0 at a document start."""
     # at a document start the exponent gets -inf (one FMA per state, where a select after the exp2
     # would cost one more instruction per state): exp2(-inf) = 0
-    a = tl.exp2(dt[None, :] * A2 + tl.where(p == 0, float("-inf"), 0.0))
-    return dt, ddt_dpre, a
+    return tl.exp2(dt[None, :] * A2 + tl.where(p == 0, float("-inf"), 0.0))
+
+
+@triton.jit
+def _decay(dl, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One token's dt (BD,) from its delta and decay a (N, BD; see _decay_dt). Tokens past the row's end are
+    identities (dt = 0, a = 1)."""
+    dt = dl.to(tl.float32)
+    if HAS_BIAS:
+        dt += bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    dt = tl.where(ok, dt, 0.0)
+    return dt, _decay_dt(dt, p, A2)
 
 
 @triton.jit
 def _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                  BC_LANES: tl.constexpr):
     """_decay, plus the token's input x = dt u B (N, BD; 0 past the row's end)."""
-    dt, ddt_dpre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+    dt, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
     x = (dt * u.to(tl.float32))[None, :] * _col(Bt, False, sn, BC_LANES)
-    return dt, ddt_dpre, a, x
+    return dt, a, x
 
 
 @triton.jit
@@ -880,12 +901,13 @@ def _gate(x, zz, HAS_Z: tl.constexpr):
 @triton.jit
 def _carry_token(c, sdt, cut, u, dl, Bt, Ct, zz, dout, p, ok, bias, A2, sn, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
-    """One token of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag."""
+    """One token of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag. REVERSE
+    (the backward) takes dt in dl's place and dL/dy in dout's, as the backward's first pass stored them."""
     if REVERSE:
-        dt, _, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
-        c = a * (c + _col(Ct, True, sn, BC_LANES) * _gate(dout, zz, HAS_Z)[None, :])
+        dt = dl.to(tl.float32)
+        c = _decay_dt(dt, p, A2) * (c + _col(Ct, True, sn, BC_LANES) * dout[None, :])
     else:
-        dt, _, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+        dt, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
         c = a * c + x
     return c, sdt + dt, tl.where(p == 0, 1, cut)
 
@@ -896,7 +918,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
                        s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                        N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr,
                        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                       BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+                       BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
     """Local carries of n_c pieces of piece_len tokens (first, first + 1, ... of the row; sub to a segment),
     each started from zero. Forward: the state leaving the piece, h = a_t h + dt_t u_t B_t. Backward
     (REVERSE): the adjoint leaving its first token, g = a_t (g + C_t dy_t) walking back. With P = prod a_t
@@ -932,7 +954,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, pos
         else:
             w0 = tl.maximum(w0, w1 - tl.cdiv(tl.maximum(w1 - start, 0), GROUP) * GROUP)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
-    dm = d < Dm
+    dm = _in_channels(d, Dm, EVEN_D)
     n = tl.arange(0, N)
     nm = n < N
     sn = n[:, None]  # the state each row of the (N, BD) tiles holds (the backward permutes them)
@@ -1018,7 +1040,7 @@ def _fwd_token(h, t, slot, A2, sn, bias, Dv, out_p, Dm, dm, HAS_D: tl.constexpr,
     """Token t of the forward, its inputs in slot (a tuple from _load_token): the state h (N, BD) after it;
     stores its output."""
     u, dl, Bt, Ct, zz, p, ok = slot
-    dt, _, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+    dt, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
     h = a * h + x  # (N, BD)
     y = tl.sum(h * _col(Ct, True, sn, BC_LANES), 0)  # (BD,)
     uf = u.to(tl.float32)
@@ -1035,13 +1057,13 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                      s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                      N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
     b = tl.program_id(2).to(tl.int64)
     s = tl.program_id(1)  # segment: chunks [c0, c1)
     c0 = s * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
-    dm = d < Dm
+    dm = _in_channels(d, Dm, EVEN_D)
     n = tl.arange(0, N)
     nm = n < N
     sn = n[:, None]  # the state each row of the (N, BD) tiles holds (the backward permutes them)
@@ -1123,14 +1145,14 @@ def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr
 
 
 @triton.jit
-def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias, Dv, dz_p, qa_p, dC_p, Dm, dm, nm,
-                     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p, dC_p,
+                     Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's first pass, forward in time: the state h (N, BD) after it, and what needs h.
     dz and dC; QA = sum over states of A2 q (BD,), q = C dy a h_{t-1} (N, BD) being the token's term in X
     (see the notes above _softplus); and the chunk's dA term from q, dA_c += q P, P = the sum of dt over the
-    chunk up to t."""
-    dt, _, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+    chunk up to t. Stores dt and dy for the passes after it."""
+    dt, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
     ah = a * h  # (N, BD)
     h = ah + x
     P += dt
@@ -1146,24 +1168,26 @@ def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias
         sz = tl.sigmoid(zf)
         tl.store(dz_p + t * Dm, (dout * y * sz * (1 + zf * (1 - sz))).to(dz_p.dtype.element_ty), mask=m)
     tl.store(qa_p + t * Dm, dy * tl.sum(qC * A2, 0), mask=m)
+    tl.store(dtt_p + t * Dm, dt, mask=m)
+    tl.store(dyt_p + t * Dm, dy, mask=m)
     dA_c += qC * (dy * P)[None, :]
     _store_channel_sum(dC_p + t * N, h * dy[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
     return h, dA_c, P
 
 
 @triton.jit
-def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dl, Bt, Ct, zz, dout, qa, p, ok, A2, sn, bias,
-                       Dv, du_p, ddl_p, dB_p, Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr,
-                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr,
-                       LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
+def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dt, Bt, Ct, dy, qa, p, ok, A2, sn, Dv,
+                       du_p, ddl_p, dB_p, Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
+                       LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's second pass, back in time. gc = a_{t+1} g_{t+1} (N, BD) comes in, a_t g_t goes
     out. With K_t = X_{c1} - sum of k_s over the chunk's tokens s >= t: RX = sum over states of A2 K_{t+1}, plus
     the sum of QA over the chunk's tokens after t (BD,), comes in, the same for t goes out; Suf = the sum of dt
     over the chunk's tokens after t (BD,), T = over the whole chunk. dA_c gathers sum_t dt_t K_t as
-    X_{c1} T - sum_s k_s (T - Suf_s), so K itself is never formed."""
-    dt, ddt_dpre, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+    X_{c1} T - sum_s k_s (T - Suf_s), so K itself is never formed. dt and dy = dL/dy (BD,) come from the
+    first pass."""
+    dt = dt.to(tl.float32)
+    a = _decay_dt(dt, p, A2)
     uf = u.to(tl.float32)
-    dy = _gate(dout, zz, HAS_Z)
     g = gc + _col(Ct, True, sn, BC_LANES) * dy[None, :]  # (N, BD): dL/dh_t
     Bf = _col(Bt, False, sn, BC_LANES)
     dtu = dt * uf
@@ -1177,7 +1201,7 @@ def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dl, Bt, Ct
     if HAS_D:
         du += dy * Dv
         dD_acc += dy * uf
-    ddelta = ddt * ddt_dpre if SOFTPLUS else ddt
+    ddelta = ddt * _softplus_slope(dt) if SOFTPLUS else ddt
     m = tl.where(ok, dm, False)
     dbias_acc += tl.where(m, ddelta, 0.0)
     tl.store(du_p + t * Dm, du.to(du_p.dtype.element_ty), mask=m)
@@ -1199,19 +1223,19 @@ def _bwd_lanes(BD: tl.constexpr, N: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD:
 
 @triton.jit
 def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
-                            qa_ptr, dz_ptr, dC_ptr, dAc_ptr, dt_ptr, L, Dm, n_chunks, seg_len,
+                            qa_ptr, dtt_ptr, dyt_ptr, dz_ptr, dC_ptr, dAc_ptr, dt_ptr, L, Dm, n_chunks, seg_len,
                             s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                             N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
                             HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
                             SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
-                            BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+                            BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
     """The backward's first pass: one segment of one row forward from the saved state entering it (no carry pass)."""
     pid_d = tl.program_id(0)
     c0 = tl.program_id(1) * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
     b = tl.program_id(2).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)  # (BD,)
-    dm = d < Dm
+    dm = _in_channels(d, Dm, EVEN_D)
     nm = tl.arange(0, N) < N
     sn = _bwd_lanes(BD, N, LOG2_N, LOG2_BD, BC_LANES)
     A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
@@ -1222,7 +1246,7 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     row = b * L * Dm + d
-    dout_p, dz_p, qa_p = dout_ptr + row, dz_ptr + row, qa_ptr + row
+    dout_p, dz_p, qa_p, dtt_p, dyt_p = dout_ptr + row, dz_ptr + row, qa_ptr + row, dtt_ptr + row, dyt_ptr + row
     dC_p = dC_ptr + (pid_d * tl.num_programs(2) + b) * L * N  # partials (n_dblk, B, L, N)
     chunk_p = b * n_chunks * N * Dm + sn * Dm + d[None, :]  # + c N Dm: chunk c's (N, BD) in (B, n_chunks, N, Dm)
     h = tl.where(c0 > 0, tl.load(st_ptr + chunk_p + tl.maximum(c0 - 1, 0) * N * Dm, mask=dm[None, :], other=0.0),
@@ -1240,25 +1264,26 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, p0, ok0, A2, sn, bias, Dv, dz_p,
-                                          qa_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
+                                          SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g0 = _load_row(dout_p, t + 4, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, p1, ok1, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g1 = _load_row(dout_p, t + 5, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, p2, ok2, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g2 = _load_row(dout_p, t + 6, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, p3, ok3, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
                                           LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
@@ -1275,8 +1300,9 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
                              N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
                              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
                              SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
-                             BC_LANES: tl.constexpr, EVEN: tl.constexpr):
-    """The backward's second pass: one segment of one row back from the adjoint entering its end."""
+                             BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
+    """The backward's second pass: one segment of one row back from the adjoint entering its end. Takes dt in
+    delta's place and dL/dy in dout's (the first pass stored them; no z)."""
     pid_d = tl.program_id(0)
     s = tl.program_id(1)
     c0 = s * (seg_len // CHUNK)
@@ -1284,11 +1310,10 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     b = tl.program_id(2).to(tl.int64)
     bs = b * n_seg + s
     d = pid_d * BD + tl.arange(0, BD)  # (BD,)
-    dm = d < Dm
+    dm = _in_channels(d, Dm, EVEN_D)
     nm = tl.arange(0, N) < N
     sn = _bwd_lanes(BD, N, LOG2_N, LOG2_BD, BC_LANES)
     A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
-    bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     B_p, C_p = B_ptr + b * s_bb, C_ptr + b * s_cb
     B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
@@ -1325,25 +1350,25 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             t = c * CHUNK + CHUNK - 1 - kk
             tp = tl.maximum(t - GROUP, GROUP - 1)  # the group before (a harmless re-load at the row's start)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u0, dl0, B0, C0, z0, g0, q0, p0, ok0, A2, sn, bias, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u0, dl0, B0, C0, g0, q0, p0, ok0, A2, sn, Dv,
+                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
             g0, q0 = _load_row(dout_p, tp, L, Dm, dm, EVEN), _load_row(qa_p, tp, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 1, u1, dl1, B1, C1, z1, g1, q1, p1, ok1, A2, sn, bias, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 1, u1, dl1, B1, C1, g1, q1, p1, ok1, A2, sn, Dv,
+                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g1, q1 = _load_row(dout_p, tp - 1, L, Dm, dm, EVEN), _load_row(qa_p, tp - 1, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 2, u2, dl2, B2, C2, z2, g2, q2, p2, ok2, A2, sn, bias, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 2, u2, dl2, B2, C2, g2, q2, p2, ok2, A2, sn, Dv,
+                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g2, q2 = _load_row(dout_p, tp - 2, L, Dm, dm, EVEN), _load_row(qa_p, tp - 2, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 3, u3, dl3, B3, C3, z3, g3, q3, p3, ok3, A2, sn, bias, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 3, u3, dl3, B3, C3, g3, q3, p3, ok3, A2, sn, Dv,
+                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g3, q3 = _load_row(dout_p, tp - 3, L, Dm, dm, EVEN), _load_row(qa_p, tp - 3, L, Dm, dm, EVEN)
@@ -1383,9 +1408,10 @@ def _rowmajor(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos):
+def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos, BD):
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_POS=pos is not None,
-                 EVEN=u.shape[1] % CHUNK == 0)  # rows of whole chunks: no token past the end is used
+                 EVEN=u.shape[1] % CHUNK == 0,  # rows of whole chunks: no token past the end is used
+                 EVEN_D=u.shape[2] % BD == 0)  # blocks of whole channels: no channel masks
     u, delta, B, C = (_rowmajor(t) for t in (u, delta, B, C))
     z = _rowmajor(z) if z is not None else u
     pos_ = pos if pos is not None else u.new_zeros(1, 1, dtype=torch.int32)
@@ -1446,7 +1472,8 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
     pieces of one chunk (sub to a segment), not whole segments: where the segments leave the GPU underfilled
     (they do where the main pass is capped to 12 programs per SM and the carry pass fits 16), that fills it;
     at most 1024 pieces per row (the combine's tile). H200, d_inner 1536, 8 x 2048 tokens, backward (4
-    segments of 4 chunks): 1.189 -> 1.158 ms (notes/perf.md)."""
+    segments of 4 chunks): 1.189 -> 1.158 ms (notes/perf.md). The backward's tensors carry dt in delta's
+    place and dout is dL/dy (see _carry_token)."""
     u, A = tensors[0], tensors[2]
     if n_seg == 1:
         return A.new_zeros(1)
@@ -1486,7 +1513,7 @@ def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD
         # every lane reads all of B and C: in fp32 (a copy, 2N values per token) it uses them as read, where
         # in bf16 it unpacks them at 3 instructions per pair: 18% fewer in the token loop, 0-2% faster (notes/perf.md)
         B, C = B.float(), C.float()
-    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
+    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos, BD)
     cin = _carries(tensors, strides, flags, out, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, False)
     _scan_fwd_kernel[(triton.cdiv(Dm, BD), n_seg, Bb)](
         *tensors, out, states, cin, L, Dm, n_chunks, seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK,
@@ -1509,23 +1536,28 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     ddelta = torch.empty(Bb, L, Dm, device=u.device, dtype=delta.dtype)
     dz = torch.empty(Bb, L, Dm, device=u.device, dtype=z.dtype) if z is not None else du
     qa = torch.empty(Bb, L, Dm, **f32)  # QA of every token: the first pass writes it, the second reads it back
+    # dt and dL/dy of every token: the first pass writes them, the carry pass and the second read them instead of
+    # forming their own (softplus, gate)
+    dt_tok, dy_tok = torch.empty(Bb, L, Dm, **f32), torch.empty(Bb, L, Dm, **f32)
     dA = torch.empty(Bb, n_chunks, N, Dm, **f32)  # partial sums of each (row, chunk), both passes adding
     dts = torch.empty(Bb, n_chunks, Dm, **f32)  # each chunk's sum of dt: the first pass writes it, the second reads it
     # partial sums of each channel block, block outermost: torch sums them in one coalesced sweep
     dB = torch.empty(n_dblk, Bb, L, N, **f32)
     dC = torch.empty_like(dB)
-    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
+    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos, BD)
     consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
                   LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=False)
-    _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dz, dC, dA, dts, L, Dm, n_chunks,
-                                                 seg_len, *strides, maxnreg=maxnreg, **consts)
+    _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dt_tok, dy_tok, dz, dC, dA, dts, L, Dm,
+                                                 n_chunks, seg_len, *strides, maxnreg=maxnreg, **consts)
+    tensors, strides, flags = _scan_args(u, dt_tok, A, B, C, D, None, delta_bias, pos, BD)  # dt for delta, no z
+    consts.update(flags)
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
     dD = torch.empty(Bb * n_seg, Dm, **f32)  # partial sums of each (row, segment)
     dbias = torch.empty(Bb * n_seg, Dm, **f32)
-    cin = _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, True)
-    _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, cin, du, ddelta, dB, dA, dts, dD, dbias,
-                                                  L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
+    cin = _carries(tensors, strides, flags, dy_tok, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, True)
+    _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dy_tok, qa, cin, du, ddelta, dB, dA, dts, dD,
+                                                  dbias, L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
                                                   **consts)
     return [du, ddelta, dA.sum((0, 1)).t().contiguous().to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,

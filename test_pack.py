@@ -13,6 +13,7 @@ import argparse
 import ast
 import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -529,18 +530,21 @@ def small_chunks(monkeypatch):
 def _softplus_kernel(x_ptr, sp_ptr, sig_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
-    sp, sig = kernels._softplus(tl.load(x_ptr + i, mask=m, other=0.0))
+    sp = kernels._softplus(tl.load(x_ptr + i, mask=m, other=0.0))
+    sig = kernels._softplus_slope(sp)
     tl.store(sp_ptr + i, sp, mask=m)
     tl.store(sig_ptr + i, sig, mask=m)
 
 
 def test_scan_softplus():
-    """The scan kernels' softplus (log1p by a series) and its derivative against torch in fp64: large
-    negative inputs (tiny exp), around 0 (the series' slowest point), both sides of the threshold 20,
-    random inputs. Tolerance: a few fp32 ulp, plus what exp(-|x|) itself loses on a GPU, where it is
-    exp2 of the fp32-rounded -|x| log2(e): up to |x| 2^-24 log2(e) ln(2) ~ 6e-8 |x| relative."""
+    """The scan kernels' softplus (log1p by a series) and its derivative (from the softplus, as the backward
+    forms it) against torch in fp64: large negative inputs (tiny exp), around 0 (the series' slowest point),
+    both sides of the threshold 20, random inputs, and both sides of the derivative's switch from its series
+    (softplus 1/2). Tolerance: a few fp32 ulp, plus what exp(-|x|) itself loses on a GPU, where it is exp2 of
+    the fp32-rounded -|x| log2(e): up to |x| 2^-24 log2(e) ln(2) ~ 6e-8 |x| relative."""
     x = torch.cat([torch.linspace(-80, 80, 4001), 5 * torch.randn(4000),
-                   torch.tensor([0.0, -1e-6, 1e-6, 19.999, 20.0, 20.001, -20.0])]).to(DEV)
+                   torch.tensor([0.0, -1e-6, 1e-6, 19.999, 20.0, 20.001, -20.0]),
+                   math.log(math.expm1(0.5)) + torch.linspace(-1e-3, 1e-3, 101)]).to(DEV)
     sp, sig = torch.empty_like(x), torch.empty_like(x)
     _softplus_kernel[(triton.cdiv(x.numel(), 1024),)](x, sp, sig, x.numel(), BLOCK=1024)
     x64 = x.double()
@@ -614,10 +618,11 @@ def test_scan_ref_packed_equals_each_document_alone(layout):
     assert rel(kernels.selective_scan_ref(**x, pos=None), alone_out) > 1e-3
 
 
-def check_scan_triton(L, lengths, segments, bc_lanes):
+def check_scan_triton(L, lengths, segments, bc_lanes, channels=12):
     """The Triton scan on 2 rows of L tokens packed from lengths (None: pos=None) against the reference:
-    output, chunk states and every gradient, fresh random inputs, fp32, two channel blocks (one partial)."""
-    x = scan_inputs(2, L, 12, 4, torch.float32, DEV)
+    output, chunk states and every gradient, fresh random inputs, fp32, channel blocks of 8 (12 channels:
+    the second partial)."""
+    x = scan_inputs(2, L, channels, 4, torch.float32, DEV)
     pos = None if lengths is None else pos_from_lengths(lengths, L, "cpu").to(DEV)
     want, want_states = kernels.selective_scan_ref(**x, pos=pos, return_states=True)
     kw = dict(delta_softplus=True, BD=8, num_warps=1, bc_lanes=bc_lanes, segments=segments)
@@ -647,6 +652,13 @@ def test_scan_triton_whole_chunks(segments, bc_lanes, small_chunks):
     ahead of the last chunk read the last token; documents starting on chunk edges and just after. Two
     segments are 2 chunks and 1: the last segment is shorter than the others."""
     check_scan_triton(3 * kernels.CHUNK, [[1, 7, 8, 1, 7], [9, 15]], segments, bc_lanes)
+
+
+@pytest.mark.parametrize("segments, bc_lanes", [(2, False), (3, True)])
+def test_scan_triton_whole_channel_blocks(segments, bc_lanes, small_chunks):
+    """16 channels in blocks of 8, where the kernels drop the channel masks (EVEN_D), in rows of whole chunks
+    with documents on chunk edges."""
+    check_scan_triton(3 * kernels.CHUNK, [[1, 7, 8, 1, 7], [9, 15]], segments, bc_lanes, channels=16)
 
 
 @pytest.mark.parametrize("segments, bc_lanes", [(2, False), (3, True)])

@@ -34,7 +34,7 @@ def compile_kernel(module, which, reverse, maxnreg=None):
     """The cubin of one scan kernel, with the constants and argument types its launcher gives it."""
     fn = getattr(module, KERNELS[which])
     bc_lanes = which in ("states", "adjoint") or (which == "carry" and reverse)  # as SCAN_*_CONFIG choose at d_state 16
-    consts = dict(N=16, BD=32, CHUNK=module.CHUNK, LOG2_N=4, LOG2_BD=5, HAS_D=True, HAS_Z=True, EVEN=True,
+    consts = dict(N=16, BD=32, CHUNK=module.CHUNK, LOG2_N=4, LOG2_BD=5, HAS_D=True, HAS_Z=True, EVEN=True, EVEN_D=True,
                   HAS_BIAS=True, HAS_POS=True, SOFTPLUS=True, BC_LANES=bc_lanes, REVERSE=reverse)
     # the forward's launcher copies B and C to fp32 where every lane reads all of them (not BC_LANES)
     bc_type = "*bf16" if bc_lanes else "*fp32"
