@@ -1057,13 +1057,13 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
                      s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                      N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr):
     b = tl.program_id(2).to(tl.int64)
     s = tl.program_id(1)  # segment: chunks [c0, c1)
     c0 = s * (seg_len // CHUNK)
     c1 = tl.minimum(c0 + seg_len // CHUNK, n_chunks)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
-    dm = _in_channels(d, Dm, EVEN_D)
+    dm = d < Dm
     n = tl.arange(0, N)
     nm = n < N
     sn = n[:, None]  # the state each row of the (N, BD) tiles holds (the backward permutes them)
@@ -1408,10 +1408,9 @@ def _rowmajor(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos, BD):
+def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos):
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_POS=pos is not None,
-                 EVEN=u.shape[1] % CHUNK == 0,  # rows of whole chunks: no token past the end is used
-                 EVEN_D=u.shape[2] % BD == 0)  # blocks of whole channels: no channel masks
+                 EVEN=u.shape[1] % CHUNK == 0)  # rows of whole chunks: no token past the end is used
     u, delta, B, C = (_rowmajor(t) for t in (u, delta, B, C))
     z = _rowmajor(z) if z is not None else u
     pos_ = pos if pos is not None else u.new_zeros(1, 1, dtype=torch.int32)
@@ -1486,7 +1485,9 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
     n_c = (n_seg - 1) * sub if not reverse else triton.cdiv(_n_chunks(L), seg_chunks // sub) - sub
     loc = torch.empty(Bb, n_c, N, Dm, device=u.device, dtype=torch.float32)
     P = torch.empty_like(loc)
-    flags = {k: v for k, v in flags.items() if k != "HAS_D"}
+    # the backward drops the channel masks where blocks hold whole channels (EVEN_D); the forward keeps them,
+    # as the forward's main pass does (faster so: notes/perf.md v16)
+    flags = dict({k: v for k, v in flags.items() if k != "HAS_D"}, EVEN_D=reverse and Dm % BD == 0)
     _scan_carry_kernel[(triton.cdiv(Dm, BD), n_c, Bb)](  # all of _scan_args' tensors but D
         *tensors[:5], *tensors[6:], dout, loc, P, L, Dm, seg_len // sub, sub, sub if reverse else 0, n_c, *strides,
         N=N, BD=BD, CHUNK=CHUNK, REVERSE=reverse, SOFTPLUS=softplus, BC_LANES=bc_lanes, num_warps=num_warps,
@@ -1513,7 +1514,7 @@ def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD
         # every lane reads all of B and C: in fp32 (a copy, 2N values per token) it uses them as read, where
         # in bf16 it unpacks them at 3 instructions per pair: 18% fewer in the token loop, 0-2% faster (notes/perf.md)
         B, C = B.float(), C.float()
-    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos, BD)
+    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
     cin = _carries(tensors, strides, flags, out, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, False)
     _scan_fwd_kernel[(triton.cdiv(Dm, BD), n_seg, Bb)](
         *tensors, out, states, cin, L, Dm, n_chunks, seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK,
@@ -1544,13 +1545,14 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     # partial sums of each channel block, block outermost: torch sums them in one coalesced sweep
     dB = torch.empty(n_dblk, Bb, L, N, **f32)
     dC = torch.empty_like(dB)
-    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos, BD)
+    tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
     consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
-                  LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1, **flags)  # tl.arange: powers of 2
+                  LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1,  # tl.arange: powers of 2
+                  EVEN_D=Dm % BD == 0, **flags)  # blocks of whole channels: no channel masks
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=False)
     _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dt_tok, dy_tok, dz, dC, dA, dts, L, Dm,
                                                  n_chunks, seg_len, *strides, maxnreg=maxnreg, **consts)
-    tensors, strides, flags = _scan_args(u, dt_tok, A, B, C, D, None, delta_bias, pos, BD)  # dt for delta, no z
+    tensors, strides, flags = _scan_args(u, dt_tok, A, B, C, D, None, delta_bias, pos)  # dt for delta, no z
     consts.update(flags)
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
     dD = torch.empty(Bb * n_seg, Dm, **f32)  # partial sums of each (row, segment)

@@ -33,9 +33,13 @@ BF16 = {"u_ptr", "dl_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddl_ptr", 
 def compile_kernel(module, which, reverse, maxnreg=None):
     """The cubin of one scan kernel, with the constants and argument types its launcher gives it."""
     fn = getattr(module, KERNELS[which])
-    bc_lanes = which in ("states", "adjoint") or (which == "carry" and reverse)  # as SCAN_*_CONFIG choose at d_state 16
-    consts = dict(N=16, BD=32, CHUNK=module.CHUNK, LOG2_N=4, LOG2_BD=5, HAS_D=True, HAS_Z=True, EVEN=True, EVEN_D=True,
-                  HAS_BIAS=True, HAS_POS=True, SOFTPLUS=True, BC_LANES=bc_lanes, REVERSE=reverse)
+    backward = which in ("states", "adjoint") or (which == "carry" and reverse)
+    bc_lanes = backward  # as SCAN_*_CONFIG choose at d_state 16
+    # EVEN_D: the backward's launcher drops the channel masks at d_inner a multiple of 32, the forward's does not
+    consts = dict(N=16, BD=32, CHUNK=module.CHUNK, LOG2_N=4, LOG2_BD=5, HAS_D=True, HAS_Z=True, EVEN=True,
+                  EVEN_D=backward, HAS_BIAS=True, HAS_POS=True, SOFTPLUS=True, BC_LANES=bc_lanes, REVERSE=reverse)
+    # after the states pass, the backward reads dt and dL/dy (fp32) in delta's and dout's place
+    bf16 = BF16 - {"dl_ptr", "dout_ptr"} if backward and which != "states" else BF16
     # the forward's launcher copies B and C to fp32 where every lane reads all of them (not BC_LANES)
     bc_type = "*bf16" if bc_lanes else "*fp32"
     signature, constexprs = {}, {}
@@ -48,7 +52,7 @@ def compile_kernel(module, which, reverse, maxnreg=None):
         elif name == "pos_ptr":
             signature[name] = "*i32"
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name in BF16 else "*fp32"
+            signature[name] = "*bf16" if name in bf16 else "*fp32"
         else:
             signature[name] = "i32"
     src = ASTSource(fn, signature=signature, constexprs=constexprs)
