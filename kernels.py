@@ -734,11 +734,14 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # h_{t-1} (h only) and k_t = a_{t+1} g_{t+1} x_t (g only), so within a chunk [c0, c1)
 #     X_t = X_{c1} + sum_{s=t}^{c1-1} (q_s - k_s),   X_{c1} = a_{c1} g_{c1} h_{c1-1},
 # the last from the saved state. _scan_bwd_states_kernel walks forward from the
-# saved states (segments need no carry pass): dC, dz, QA_t = sum_N A q_t (one fp32
-# per token and channel, a temporary) and the q part of each chunk's dA.
-# _scan_bwd_adjoint_kernel walks back (segments chained by the carry passes, as in
-# the forward): the k part, X's sum_N A for ddelta (with the running sum of QA),
-# and the rest. The split terms cancel where X is small, so each chunk's dA is
+# saved states (segments need no carry pass): dC, dz, QA_t = sum_N A q_t and the q
+# part of each chunk's dA. It also writes each token's dt and dy = dL/dy (the
+# output's gradient through the gate): with QA, three fp32 temporaries per token and
+# channel (d_inner 4096, 8 x 2048 tokens: 256 MB each, freed when the op returns),
+# so the passes after it form no softplus and no gate (d_inner 4096: 2.68 -> 2.53 ms
+# backward, notes/perf.md v16). _scan_bwd_adjoint_kernel walks back (segments
+# chained by the carry passes, as in the forward): the k part, X's sum_N A for
+# ddelta (with the running sum of QA), and the rest. The split terms cancel where X is small, so each chunk's dA is
 # summed from its two parts before the chunks are. The cancellation grows with the
 # chunk: on an H200 at CHUNK 128, dA's fp32 error is 3.5x the fp32 reference's own
 # and d(delta bias)'s ~9x (3.5e-6 and 3.1e-6 relative, the bound 1.1-1.3e-5), about
