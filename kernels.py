@@ -1455,16 +1455,15 @@ def _segments(u, programs, segments, per_sm, carry=True):
 
 def _bwd_grid(u, programs, segments, carry):
     """(segment length, number of segments, maxnreg) of one of the backward's passes (carry: whether split
-    rows need a carry pass: the adjoint pass's do, the states pass's start from saved states). The adjoint
-    pass runs uncapped (255 registers, SCAN_BWD_PROGRAMS_PER_SM) where whole rows fill one wave of it at
-    least 40%; otherwise capped (SCAN_BWD_CAP), since a second wave would run almost empty (at 8 x 2048
-    tokens: d_inner 5120) and splitting a row costs its carry pass (1536). The states pass, which splits
-    for free, always runs capped. The whole backward on an H200 at 8 x 2048 tokens (CHUNK 128), this against
-    other grids (ms): at 4096 2.537 with the states pass uncapped in whole rows, 2.495 capped in 16 segments
-    (this); the adjoint pass 2.688 capped in whole rows; at 1536 and 5120 no other grid swept was faster by
-    more than 0.2% (notes/scan_bwd_grid.py, notes/perf.md v16)."""
+    rows need a carry pass). Uncapped (255 registers, SCAN_BWD_PROGRAMS_PER_SM) where whole rows fill one
+    wave of it at least 40%; otherwise capped (SCAN_BWD_CAP), since a second wave would run almost empty (at
+    8 x 2048 tokens: d_inner 5120) and splitting a row costs its carry pass (1536). The whole backward on
+    an H200 at 8 x 2048 tokens (CHUNK 128), this against the adjoint pass's other grids (ms): 1.16 against
+    1.27 (uncapped, 8 segments) at 1536, 3.30 against 4.01 (uncapped, 8) at 5120, 2.69 against 2.74
+    (capped, whole rows) at 4096; no other grid of either pass swept was faster by more than 0.1%
+    (notes/scan_bwd_grid.py, notes/perf.md)."""
     slots = SCAN_BWD_PROGRAMS_PER_SM * _sm_count(u.device)
-    if carry and 0.4 * slots <= programs <= slots:
+    if 0.4 * slots <= programs <= slots:
         return *_segments(u, programs, segments, SCAN_BWD_PROGRAMS_PER_SM, carry), None
     return *_segments(u, programs, segments, SCAN_BWD_CAP["programs_per_sm"], carry), SCAN_BWD_CAP["maxnreg"]
 
