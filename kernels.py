@@ -741,12 +741,12 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # so the passes after it form no softplus and no gate (d_inner 4096: 2.68 -> 2.53 ms
 # backward, notes/perf.md v16). _scan_bwd_adjoint_kernel walks back (segments
 # chained by the carry passes, as in the forward): the k part, X's sum_N A for
-# ddelta (with the running sum of QA), and the rest. The split terms cancel where X is small, so each chunk's dA is
-# summed from its two parts before the chunks are. The cancellation grows with the
-# chunk: on an H200 at CHUNK 128, dA's fp32 error is 3.5x the fp32 reference's own
-# and d(delta bias)'s ~9x (3.5e-6 and 3.1e-6 relative, the bound 1.1-1.3e-5), about
-# half of that at CHUNK 64, more with q and k each keeping the C_t dy_t x_t they
-# share (notes/perf.md).
+# ddelta (with the running sum of QA), and the rest. The split terms cancel where X
+# is small, so each chunk's dA is summed from its two parts before the chunks are.
+# The cancellation grows with the chunk: on an H200 at CHUNK 128, dA's fp32 error
+# is 3.5x the fp32 reference's own and d(delta bias)'s ~9x (3.5e-6 and 3.1e-6
+# relative, the bound 1.1-1.3e-5), about half of that at CHUNK 64, more with q and
+# k each keeping the C_t dy_t x_t they share (notes/perf.md).
 # dB and dC are sums over channels: each program writes its partial sum over its
 # BD channels (a reduce-scatter across lanes, _store_channel_sum) and torch sums
 # the partials (deterministic, no atomics); dA per (row, chunk), dD and d(delta
@@ -1268,26 +1268,25 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
             t = c * CHUNK + k
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, p0, ok0, A2, sn, bias, Dv, dz_p,
                                           qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
-                                          SOFTPLUS,
-                                          LOG2_N, LOG2_BD, BC_LANES)
+                                          SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g0 = _load_row(dout_p, t + 4, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, p1, ok1, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                                          LOG2_N, LOG2_BD, BC_LANES)
+                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
+                                          SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g1 = _load_row(dout_p, t + 5, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, p2, ok2, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                                          LOG2_N, LOG2_BD, BC_LANES)
+                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
+                                          SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g2 = _load_row(dout_p, t + 6, L, Dm, dm, EVEN)
             h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, p3, ok3, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                                          LOG2_N, LOG2_BD, BC_LANES)
+                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
+                                          SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g3 = _load_row(dout_p, t + 7, L, Dm, dm, EVEN)
