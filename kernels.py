@@ -737,7 +737,7 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # saved states (segments need no carry pass): dC, dz, QA_t = sum_N A q_t and the q
 # part of each chunk's dA. It also writes each token's dt and dy = dL/dy (the
 # output's gradient through the gate): with QA, three fp32 temporaries per token and
-# channel (d_inner 4096, 8 x 2048 tokens: 256 MB each, freed when the op returns),
+# channel (d_inner 4096, 8 x 2048 tokens: 256 MiB each, freed when the op returns),
 # so the passes after it form no softplus and no gate (d_inner 4096: 2.68 -> 2.53 ms
 # backward, notes/perf.md v16). _scan_bwd_adjoint_kernel walks back (segments
 # chained by the carry passes, as in the forward): the k part, X's sum_N A for
