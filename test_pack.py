@@ -656,8 +656,8 @@ def test_scan_triton_whole_chunks(segments, bc_lanes, small_chunks):
 
 @pytest.mark.parametrize("segments, bc_lanes", [(2, False), (3, True)])
 def test_scan_triton_whole_channel_blocks(segments, bc_lanes, small_chunks):
-    """16 channels in blocks of 8, where the kernels drop the channel masks (EVEN_D), in rows of whole chunks
-    with documents on chunk edges."""
+    """16 channels in blocks of 8, where the backward's kernels drop the channel masks (EVEN_D), in rows of
+    whole chunks with documents on chunk edges."""
     check_scan_triton(3 * kernels.CHUNK, [[1, 7, 8, 1, 7], [9, 15]], segments, bc_lanes, channels=16)
 
 
