@@ -1474,7 +1474,7 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
     (they do where the main pass is capped to 12 programs per SM and the carry pass fits 16), that fills it;
     at most 1024 pieces per row (the combine's tile). H200, d_inner 1536, 8 x 2048 tokens, backward (4
     segments of 4 chunks): 1.189 -> 1.158 ms (notes/perf.md). The backward's tensors carry dt in delta's
-    place and dout is dL/dy (see _carry_token)."""
+    place and dout is dL/dy (see _carry_token). flags: _scan_args', plus EVEN_D as the caller's kernels take it."""
     u, A = tensors[0], tensors[2]
     if n_seg == 1:
         return A.new_zeros(1)
@@ -1487,9 +1487,7 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
     n_c = (n_seg - 1) * sub if not reverse else triton.cdiv(_n_chunks(L), seg_chunks // sub) - sub
     loc = torch.empty(Bb, n_c, N, Dm, device=u.device, dtype=torch.float32)
     P = torch.empty_like(loc)
-    # the backward drops the channel masks where blocks hold whole channels (EVEN_D); the forward keeps them,
-    # as the forward's main pass does (faster so: notes/perf.md v16)
-    flags = dict({k: v for k, v in flags.items() if k != "HAS_D"}, EVEN_D=reverse and Dm % BD == 0)
+    flags = {k: v for k, v in flags.items() if k != "HAS_D"}
     _scan_carry_kernel[(triton.cdiv(Dm, BD), n_c, Bb)](  # all of _scan_args' tensors but D
         *tensors[:5], *tensors[6:], dout, loc, P, L, Dm, seg_len // sub, sub, sub if reverse else 0, n_c, *strides,
         N=N, BD=BD, CHUNK=CHUNK, REVERSE=reverse, SOFTPLUS=softplus, BC_LANES=bc_lanes, num_warps=num_warps,
@@ -1517,7 +1515,9 @@ def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD
         # in bf16 it unpacks them at 3 instructions per pair: 18% fewer in the token loop, 0-2% faster (notes/perf.md)
         B, C = B.float(), C.float()
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
-    cin = _carries(tensors, strides, flags, out, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, False)
+    # the forward keeps its channel masks (EVEN_D: slower with boundaries, notes/perf.md v16)
+    cin = _carries(tensors, strides, dict(flags, EVEN_D=False), out, seg_len, n_seg, BD, num_warps, bc_lanes,
+                   delta_softplus, False)
     _scan_fwd_kernel[(triton.cdiv(Dm, BD), n_seg, Bb)](
         *tensors, out, states, cin, L, Dm, n_chunks, seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK,
         SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps, **flags)
@@ -1548,9 +1548,10 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     dB = torch.empty(n_dblk, Bb, L, N, **f32)
     dC = torch.empty_like(dB)
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
+    even_d = Dm % BD == 0  # blocks of whole channels: no channel masks
     consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
                   LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1,  # tl.arange: powers of 2
-                  EVEN_D=Dm % BD == 0, **flags)  # blocks of whole channels: no channel masks
+                  EVEN_D=even_d, **flags)
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=False)
     _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dt_tok, dy_tok, dz, dC, dA, dts, L, Dm,
                                                  n_chunks, seg_len, *strides, maxnreg=maxnreg, **consts)
@@ -1559,7 +1560,8 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
     dD = torch.empty(Bb * n_seg, Dm, **f32)  # partial sums of each (row, segment)
     dbias = torch.empty(Bb * n_seg, Dm, **f32)
-    cin = _carries(tensors, strides, flags, dy_tok, seg_len, n_seg, BD, num_warps, bc_lanes, delta_softplus, True)
+    cin = _carries(tensors, strides, dict(flags, EVEN_D=even_d), dy_tok, seg_len, n_seg, BD, num_warps, bc_lanes,
+                   delta_softplus, True)
     _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dy_tok, qa, cin, du, ddelta, dB, dA, dts, dD,
                                                   dbias, L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
                                                   **consts)
