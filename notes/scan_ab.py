@@ -10,6 +10,7 @@ the repository root on a GPU, the other versions inside the tree (the device cop
     git show scan-softplus-series:kernels.py > notes/kernels_b.py
     python notes/scan_ab.py out.json notes/kernels_b.py
     python notes/scan_ab.py --fwd out.json notes/kernels_b.py
+    python notes/scan_ab.py --widths 1536 out.json notes/kernels_b.py   # some d_inner only
 """
 import importlib.util
 import json
@@ -81,16 +82,17 @@ def time_both(module, args, dout, pos, ref):
     return t, ref
 
 
-def main(out, paths, fwd_only):
+def main(out, paths, fwd_only, widths):
     versions = [("this", kernels)] + [(os.path.basename(p), load(p)) for p in paths]
-    command = ["python", "notes/scan_ab.py", *(["--fwd"] if fwd_only else []), out, *paths]
+    command = ["python", "notes/scan_ab.py", *(["--fwd"] if fwd_only else []),
+               *(["--widths", ",".join(map(str, widths))] if widths else []), out, *paths]
     res = {"env": dict(bench.environment("cuda", []), command=shlex.join(command)),
            "checks": {name: check(module) for name, module in versions[1:]}}
     print("checks:", res["checks"], flush=True)
     versions = [(name, m) for name, m in versions if name == "this" or res["checks"][name] == "pass"]
     timed = time_fwd if fwd_only else time_both
     rows = []
-    for Dm, args, dout, pos in timing_shapes():
+    for Dm, args, dout, pos in timing_shapes(**({"widths": widths} if widths else {})):
         ref = None
         for name, module in versions:
             t, ref = timed(module, args, dout, pos, ref)
@@ -119,6 +121,11 @@ def main(out, paths, fwd_only):
 
 if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if a != "--fwd"]
+    widths = None
+    if "--widths" in argv:
+        i = argv.index("--widths")
+        widths = tuple(int(w) for w in argv[i + 1].split(","))
+        del argv[i:i + 2]
     if not argv or not torch.cuda.is_available():
         raise SystemExit(__doc__ + "\n(needs a GPU)")
-    main(argv[0], argv[1:], "--fwd" in sys.argv[1:])
+    main(argv[0], argv[1:], "--fwd" in sys.argv[1:], widths)
