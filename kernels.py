@@ -1434,14 +1434,20 @@ def _segments(u, programs, segments, per_sm, carry=True):
 
 
 def _bwd_grid(u, programs, segments, carry):
-    """(segment length, number of segments, maxnreg) of one of the backward's passes (carry: whether split
-    rows need a carry pass). Uncapped (255 registers, SCAN_BWD_PROGRAMS_PER_SM) where whole rows fill one
-    wave of it at least 40%; otherwise capped (SCAN_BWD_CAP), since a second wave would run almost empty (at
-    8 x 2048 tokens: d_inner 5120) and splitting a row costs its carry pass (1536). The whole backward on
-    an H200 at 8 x 2048 tokens (CHUNK 128), this against the adjoint pass's other grids (ms): 1.16 against
-    1.27 (uncapped, 8 segments) at 1536, 3.30 against 4.01 (uncapped, 8) at 5120, 2.69 against 2.74
-    (capped, whole rows) at 4096; no other grid of either pass swept was faster by more than 0.1%
-    (notes/scan_bwd_grid.py, notes/perf.md)."""
+    """(segment length, number of segments, maxnreg) of one of the backward's passes (carry: the adjoint
+    pass, whose split rows need a carry pass). The states pass starts each segment from a saved state, so it
+    splits for free: capped (SCAN_BWD_CAP), one chunk per segment (`segments` of them if given), the most
+    programs, which the GPU balances best. The adjoint pass runs uncapped (255 registers,
+    SCAN_BWD_PROGRAMS_PER_SM) where whole rows fill one wave of it at least 40%; otherwise capped, since a
+    second wave would run almost empty (at 8 x 2048 tokens: d_inner 5120) and splitting a row costs its
+    carry pass (1536). The whole backward on an H200 at 8 x 2048 tokens (CHUNK 128), against other grids
+    (ms): at 4096 the states pass uncapped in whole rows 2.537, capped in 16 segments 2.495, in 3 (what
+    _segments' model picks) 2.613 (A/B), the adjoint pass capped in whole rows 2.688; at 1536 and 5120 no
+    other grid swept was faster by more than the sweep's noise, 1% (notes/scan_bwd_grid.py,
+    notes/perf.md v16)."""
+    if not carry:
+        seg_len, n_seg = _segments(u, programs, segments or _n_chunks(u.shape[1]), 1, carry)
+        return seg_len, n_seg, SCAN_BWD_CAP["maxnreg"]
     slots = SCAN_BWD_PROGRAMS_PER_SM * _sm_count(u.device)
     if 0.4 * slots <= programs <= slots:
         return *_segments(u, programs, segments, SCAN_BWD_PROGRAMS_PER_SM, carry), None

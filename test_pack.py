@@ -705,17 +705,18 @@ def test_scan_segments(small_chunks):
 
 
 def test_scan_bwd_grid(small_chunks):
-    """The backward's passes: uncapped where whole rows fill one wave of SCAN_BWD_PROGRAMS_PER_SM at least
-    40% (one "multiprocessor" on CPU), else capped (SCAN_BWD_CAP) and split to fill its programs per SM.
-    Without a carry pass to pay for, the states pass splits a half-full wave's rows; the adjoint pass not."""
+    """The backward's passes. The adjoint pass: uncapped where whole rows fill one wave of
+    SCAN_BWD_PROGRAMS_PER_SM at least 40% (one "multiprocessor" on CPU), else capped (SCAN_BWD_CAP) and split
+    to fill its programs per SM. The states pass, with no carry pass to pay for: capped, one chunk per
+    segment, or the segments asked for."""
     u = torch.zeros(2, L_SMALL, 8)  # 3 chunks of 8 tokens
     full, cap = kernels.SCAN_BWD_PROGRAMS_PER_SM, kernels.SCAN_BWD_CAP
-    for carry in (False, True):
-        assert kernels._bwd_grid(u, full, None, carry) == (3 * 8, 1, None)
-        seg_len, n_seg, maxnreg = kernels._bwd_grid(u, 1, None, carry)
-        assert maxnreg == cap["maxnreg"] and n_seg > 1
+    assert kernels._bwd_grid(u, full, None, True) == (3 * 8, 1, None)
     assert kernels._bwd_grid(u, full // 2, None, True) == (3 * 8, 1, None)
-    assert kernels._bwd_grid(u, full // 2, None, False) == (2 * 8, 2, None)
+    assert kernels._bwd_grid(u, 1, None, True)[1:] == (3, cap["maxnreg"])
+    for programs in (1, full // 2, full):
+        assert kernels._bwd_grid(u, programs, None, False) == (8, 3, cap["maxnreg"])
+    assert kernels._bwd_grid(u, full, 2, False) == (16, 2, cap["maxnreg"])
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
