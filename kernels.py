@@ -904,83 +904,128 @@ def _gate(x, zz, HAS_Z: tl.constexpr):
 
 
 @triton.jit
-def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, dout_ptr, loc_ptr, P_ptr,
-                       L, Dm, piece_len, sub, first, n_c,
-                       s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_pb, s_pl,
-                       N: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, CHUNK: tl.constexpr,
-                       REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr,
+def _carry_token(c, sdt, cut, u, dl, Bt, p, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 BC_LANES: tl.constexpr):
+    """One token of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag."""
+    dt, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+    return a * c + x, sdt + dt, tl.where(p == 0, 1, cut)
+
+
+@triton.jit
+def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, loc_ptr, P_ptr, L, Dm, piece_len, sub,
+                       n_c, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_pb, s_pl,
+                       N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr,
                        EVEN_D: tl.constexpr):
-    """Local carries of n_c pieces of piece_len tokens (first, first + 1, ... of the row; sub to a segment),
-    each started from zero. Forward: the state leaving the piece, h = a_t h + dt_t u_t B_t over its tokens.
-    Backward (REVERSE): the adjoint leaving its first token, g = a_t (g + C_t dy_t) walking back. With P =
-    prod a_t over the piece (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains.
-    No walk: since a_t = exp(dt_t A), each is a sum over the piece's tokens of a decay by the dt summed
-    between the token and the carry's end,
-        forward   loc = sum_t exp(A S_t) dt_t u_t B_t,  S_t = sum of dt over (t, w1),
-        backward  loc = sum_t exp(A S_t) C_t dy_t,      S_t = sum of dt over [w0, t],
-    T tokens at a time as (T, N, BD) tiles: every load of a tile is issued before any is used (a walk waits on
-    its loads every few tokens), and the sums of dt are cumulative sums along the tile.
-    A document start zeroes what came before it in walking order, so only the tokens from the piece's last
-    start on (forward; before its first, backward) count, and none where a document starts between the piece
-    and its segment's end in walking order: no segment's carry gets anything from the piece then, and it
-    leaves loc = 0, P = 1."""
+    """The forward's local carries of n_c pieces of piece_len tokens (sub to a segment), each started from
+    zero: the state leaving the piece, h = a_t h + dt_t u_t B_t, walked GROUP tokens a turn. With P = prod
+    a_t over the piece (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains.
+    A document start zeroes what came before it, so only the tokens from the piece's last start on are
+    walked, and none where a document starts between the piece and its segment's end: no segment's carry
+    gets anything from the piece then, and it leaves loc = 0, P = 1. In bench.py's D1 rows (2048 tokens, 4
+    segments at d_inner 1536) that skips 14% of the tokens (notes/perf.md, v15). The backward's carry pass
+    sums tiles instead (_scan_carry_bwd_kernel); here that was slower (notes/perf.md v17)."""
     b = tl.program_id(2).to(tl.int64)
-    s = tl.program_id(1) + first
+    s = tl.program_id(1)
+    # the piece's chunks [c0, c1): the last piece may have fewer, and with EVEN no token past L may be walked
+    c0 = s * (piece_len // CHUNK)
+    c1 = tl.minimum(c0 + piece_len // CHUNK, tl.cdiv(L, CHUNK))
+    # the tokens to walk, [w0, w1): whole groups of GROUP from the piece's end; the extra tokens a group adds
+    # lie before the document start, which zeroes them
+    w0, w1 = c0 * CHUNK, c1 * CHUNK
+    if HAS_POS:
+        # the last document start from the piece to its segment's end, the piece's own tokens included
+        hi = tl.minimum((s // sub + 1) * sub * piece_len, L)
+        start = w0
+        for t0 in range(w0, hi, CHUNK):
+            tt = t0 + tl.arange(0, CHUNK)
+            pp = tl.load(pos_ptr + b * s_pb + tt * s_pl, mask=tt < hi, other=1)
+            start = tl.maximum(start, tl.max(tl.where(pp == 0, tt, w0)))
+        w0 = tl.maximum(w0, w1 - tl.cdiv(tl.maximum(w1 - start, 0), GROUP) * GROUP)
+    d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
+    dm = _in_channels(d, Dm, EVEN_D)
+    n = tl.arange(0, N)
+    nm = n < N
+    sn = n[:, None]  # the state each row of the (N, BD) tiles holds
+    A2 = tl.load(At_ptr + sn * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
+    bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
+    B_p, C_p = B_ptr + b * s_bb, C_ptr + b * s_cb
+    B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
+    # no z: HAS_Z False in each _load_token below, z_p a placeholder it does not load
+    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, u_ptr, pos_ptr + b * s_pb)
+    strides = (s_ul, s_dl, s_bl, s_cl, 0, s_pl)
+    c = tl.zeros((N, BD), tl.float32)
+    sdt = tl.zeros((BD,), tl.float32)  # sum of dt over the piece: P = exp(A sdt) unless a document starts
+    cut = 0  # 1 once a document starts inside the piece
+    # unrolled by GROUP, each token's inputs re-loaded GROUP tokens ahead as soon as used
+    u0, dl0, B0, _, _, p0, ok0 = _load_token(*args, w0, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+    u1, dl1, B1, _, _, p1, ok1 = _load_token(*args, w0 + 1, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+    u2, dl2, B2, _, _, p2, ok2 = _load_token(*args, w0 + 2, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+    u3, dl3, B3, _, _, p3, ok3 = _load_token(*args, w0 + 3, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+    for t in range(w0, w1, GROUP):
+        c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+        u0, dl0, B0, _, _, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+        c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+        u1, dl1, B1, _, _, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+        c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+        u2, dl2, B2, _, _, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+        c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+        u3, dl3, B3, _, _, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+    P = tl.where(cut != 0, 0.0, tl.exp2(sdt[None, :] * A2))
+    out = (b * n_c + s) * N * Dm + sn * Dm + d[None, :]
+    tl.store(loc_ptr + out, c, mask=dm[None, :])
+    tl.store(P_ptr + out, P, mask=dm[None, :])
+
+
+@triton.jit
+def _scan_carry_bwd_kernel(dt_ptr, At_ptr, C_ptr, pos_ptr, dy_ptr, loc_ptr, P_ptr, L, Dm, piece_len, sub, n_c,
+                           s_db, s_dl, s_cb, s_cl, s_pb, s_pl, N: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
+                           CHUNK: tl.constexpr, HAS_POS: tl.constexpr, EVEN_D: tl.constexpr):
+    """The backward's local carries of n_c pieces of piece_len tokens (sub to a segment; the pieces of every
+    segment but the first), each started from zero: the adjoint leaving the piece's first token, g = a_t (g +
+    C_t dy_t) walking back, from the dt and dy = dL/dy (B, L, Dm) fp32 the backward's first pass stored. With
+    P = prod a_t over the piece (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains.
+    No walk: since a_t = exp(dt_t A), loc is a sum over the piece's tokens [w0, w1),
+        loc = sum_t exp(A S_t) C_t dy_t,  S_t = the sum of dt over [w0, t],
+    taken T tokens at a time as (T, N, BD) tiles, S by a cumulative sum along the tile: every load of a tile is
+    issued before any is used, where a walk waits on its loads every few tokens (H200, d_inner 1536, 8 x 2048
+    tokens: 0.144 -> 0.098 ms; the forward's carry pass, summed so, got slower: notes/perf.md v17).
+    A document start zeroes what comes after it in the adjoint's order (a_t = 0 there), so only the tokens
+    before the piece's first start count, and none where a document starts between its segment's start and
+    the piece: no segment's carry gets anything from the piece then, and it leaves loc = 0, P = 1."""
+    b = tl.program_id(2).to(tl.int64)
+    s = tl.program_id(1) + sub  # the first segment's pieces carry into nothing
     w0 = s * piece_len
     w1 = tl.minimum(w0 + piece_len, L)
-    # the tokens that count, [a0, a1), and whether a document starts inside the piece (P = 0)
-    a0, a1, cut = w0, w1, False
+    a1, cut = w1, False  # the tokens that count are [w0, a1); cut: a document starts in the piece (P = 0)
     if HAS_POS:
         pos_p = pos_ptr + b * s_pb
-        seg = s // sub
-        if REVERSE:
-            # a start in [segment start, w0): the token before the piece's document starts at or after it
-            lo = seg * sub * piece_len
-            prev = tl.load(pos_p + tl.maximum(w0 - 1, 0) * s_pl)
-            first_start = w1  # the piece's first document start (w1: none)
-            for t0 in range(w0, w1, CHUNK):
-                tt = t0 + tl.arange(0, CHUNK)
-                pp = tl.load(pos_p + tt * s_pl, mask=tt < w1, other=1)
-                first_start = tl.minimum(first_start, tl.min(tl.where(pp == 0, tt, w1)))
-            needed = (w0 == lo) | (w0 - 1 - prev < lo)
-            cut = needed & (first_start < w1)
-            a1 = tl.where(needed, first_start, w0)
-        else:
-            # a start in [w1, segment end): the segment's last token's document starts at or after w1
-            seg_end = tl.minimum((seg + 1) * sub * piece_len, L)
-            last_start = w1 - 1 - tl.load(pos_p + (w1 - 1) * s_pl)  # the piece's last document start, if >= w0
-            needed = seg_end - 1 - tl.load(pos_p + (seg_end - 1) * s_pl) < w1
-            cut = needed & (last_start >= w0)
-            a0 = tl.where(needed, tl.maximum(w0, last_start), w1)
+        lo = (s // sub) * sub * piece_len  # the segment's first token
+        first_start = w1  # the piece's first document start (w1: none)
+        for t0 in range(w0, w1, CHUNK):
+            tt = t0 + tl.arange(0, CHUNK)
+            pp = tl.load(pos_p + tt * s_pl, mask=tt < w1, other=1)
+            first_start = tl.minimum(first_start, tl.min(tl.where(pp == 0, tt, w1)))
+        # no start in [lo, w0): the document of the token before the piece starts before lo
+        needed = (w0 == lo) | (w0 - 1 - tl.load(pos_p + tl.maximum(w0 - 1, 0) * s_pl) < lo)
+        cut = needed & (first_start < w1)
+        a1 = tl.where(needed, first_start, w0)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
     dm = _in_channels(d, Dm, EVEN_D)
     n = tl.arange(0, N)
     A2 = tl.load(At_ptr + n[:, None] * Dm + d[None, :], mask=dm[None, :], other=0.0) * LOG2E  # (N, BD)
-    bias = tl.load(bias_ptr + d, mask=dm, other=0.0) if HAS_BIAS else 0.0
-    tt = tl.arange(0, T)
     acc = tl.zeros((N, BD), tl.float32)
     run = tl.zeros((BD,), tl.float32)  # sum of dt over the tiles done
-    for k in range(0, a1 - a0, T):
-        t = (a0 + k + tt) if REVERSE else (a1 - T - k + tt)  # (T,), in the row's order
-        ok = (t >= a0) & (t < a1)
+    for t0 in range(w0, a1, T):
+        t = t0 + tl.arange(0, T)  # (T,)
+        ok = t < a1
         m = ok[:, None] & dm[None, :]  # (T, BD)
-        dt = tl.load(dl_ptr + b * s_db + t[:, None] * s_dl + d[None, :], mask=m, other=0.0).to(tl.float32)
-        if REVERSE:
-            dt = tl.where(m, dt, 0.0)  # the backward's dt, stored by its first pass
-            S = run[None, :] + tl.cumsum(dt, 0)
-            v = tl.load(dout_ptr + b * L * Dm + t[:, None] * Dm + d[None, :], mask=m, other=0.0)  # dL/dy
-            col = tl.load(C_ptr + b * s_cb + t[:, None] * s_cl + n[None, :], mask=ok[:, None], other=0.0)
-        else:
-            if HAS_BIAS:
-                dt += bias[None, :]
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(m, dt, 0.0)
-            S = run[None, :] + tl.cumsum(dt, 0, reverse=True) - dt
-            v = dt * tl.load(u_ptr + b * s_ub + t[:, None] * s_ul + d[None, :], mask=m, other=0.0).to(tl.float32)
-            col = tl.load(B_ptr + b * s_bb + t[:, None] * s_bl + n[None, :], mask=ok[:, None], other=0.0)
+        dt = tl.load(dt_ptr + b * s_db + t[:, None] * s_dl + d[None, :], mask=m, other=0.0)
+        dy = tl.load(dy_ptr + b * L * Dm + t[:, None] * Dm + d[None, :], mask=m, other=0.0)
+        Ct = tl.load(C_ptr + b * s_cb + t[:, None] * s_cl + n[None, :], mask=ok[:, None], other=0.0)  # (T, N)
+        S = run[None, :] + tl.cumsum(dt, 0)
         w = tl.exp2(A2[None, :, :] * S[:, None, :])  # (T, N, BD)
-        acc += tl.sum(w * v.to(tl.float32)[:, None, :] * col.to(tl.float32)[:, :, None], 0)
+        acc += tl.sum(w * dy[:, None, :] * Ct.to(tl.float32)[:, :, None], 0)
         run += tl.sum(dt, 0)
     P = tl.where(cut, 0.0, tl.exp2(run[None, :] * A2))
     out = (b * n_c + tl.program_id(1)) * N * Dm + n[:, None] * Dm + d[None, :]
@@ -1366,9 +1411,9 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 # loading all of B and C.
 SCAN_FWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=False)
 SCAN_BWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=True)
-# The carry pass's tiles, T tokens x N states x BD channels, forward and backward: on an H200 at d_inner 1536,
-# 8 x 2048 tokens, the best of T 8 to 32 on 1 to 4 warps (notes/perf.md v17).
-SCAN_CARRY_CONFIG = dict(fwd=dict(T=16, num_warps=4), bwd=dict(T=32, num_warps=4))
+# The backward's carry pass: tiles of T tokens x N states x BD channels on num_warps warps (H200, d_inner 1536,
+# 8 x 2048 tokens: the best of T 8 to 32 on 1 to 4 warps, notes/perf.md v17).
+SCAN_CARRY_BWD_CONFIG = dict(T=32, num_warps=4)
 # How many programs of each kernel fit on a multiprocessor at once (registers: 159 forward, 255 backward).
 # With the GPU well filled, rows stay whole; else they are split into segments (notes/perf.md).
 SCAN_FWD_PROGRAMS_PER_SM = 12
@@ -1454,14 +1499,13 @@ def _bwd_grid(u, programs, segments, carry):
     return *_segments(u, programs, segments, SCAN_BWD_CAP["programs_per_sm"], carry), SCAN_BWD_CAP["maxnreg"]
 
 
-def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, softplus, reverse):
+def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, softplus, reverse):
     """The carry entering each segment (B, n_seg, N, Dm) fp32: the state for the forward (reverse=False),
-    the adjoint a_{t+1} g_{t+1} for the backward. Nothing to compute for one segment. The carry pass sums
+    the adjoint a_{t+1} g_{t+1} for the backward. Nothing to compute for one segment. The carry passes take
     pieces of one chunk (sub to a segment), not whole segments: where the segments leave the GPU underfilled,
     that fills it; at most 1024 pieces per row (the combine's tile). H200, d_inner 1536, 8 x 2048 tokens,
-    backward (4 segments of 4 chunks): 1.189 -> 1.158 ms (notes/perf.md). The backward's tensors carry dt in
-    delta's place and dout is dL/dy (see _scan_carry_kernel). flags: _scan_args', plus EVEN_D as the
-    caller's kernels take it."""
+    backward (4 segments of 4 chunks): 1.189 -> 1.158 ms (notes/perf.md v13). The backward's tensors carry dt
+    in delta's place and dout is dL/dy. flags: _scan_args', plus EVEN_D as the caller's kernels take it."""
     u, A = tensors[0], tensors[2]
     if n_seg == 1:
         return A.new_zeros(1)
@@ -1476,12 +1520,17 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, softplus, revers
     P = torch.empty_like(loc)
     u, delta, At, B, C, _, _, bias, pos = tensors
     s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, _, _, s_pb, s_pl = strides
-    cfg = SCAN_CARRY_CONFIG["bwd" if reverse else "fwd"]
-    _scan_carry_kernel[(triton.cdiv(Dm, BD), n_c, Bb)](
-        u, delta, At, B, C, bias, pos, dout, loc, P, L, Dm, seg_len // sub, sub, sub if reverse else 0, n_c,
-        s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_pb, s_pl, N=N, BD=BD,
-        T=min(cfg["T"], triton.next_power_of_2(CHUNK)), CHUNK=CHUNK, REVERSE=reverse, HAS_BIAS=flags["HAS_BIAS"],
-        HAS_POS=flags["HAS_POS"], SOFTPLUS=softplus, EVEN_D=flags["EVEN_D"], num_warps=cfg["num_warps"])
+    grid = (triton.cdiv(Dm, BD), n_c, Bb)
+    if reverse:
+        T = min(SCAN_CARRY_BWD_CONFIG["T"], triton.next_power_of_2(CHUNK))  # no longer than a piece
+        _scan_carry_bwd_kernel[grid](delta, At, C, pos, dout, loc, P, L, Dm, seg_len // sub, sub, n_c, s_db, s_dl,
+                                     s_cb, s_cl, s_pb, s_pl, N=N, BD=BD, T=T, CHUNK=CHUNK, HAS_POS=flags["HAS_POS"],
+                                     EVEN_D=flags["EVEN_D"], num_warps=SCAN_CARRY_BWD_CONFIG["num_warps"])
+    else:
+        _scan_carry_kernel[grid](u, delta, At, B, C, bias, pos, loc, P, L, Dm, seg_len // sub, sub, n_c, s_ub, s_ul,
+                                 s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_pb, s_pl, N=N, BD=BD, CHUNK=CHUNK,
+                                 HAS_BIAS=flags["HAS_BIAS"], HAS_POS=flags["HAS_POS"], SOFTPLUS=softplus,
+                                 BC_LANES=bc_lanes, EVEN=flags["EVEN"], EVEN_D=flags["EVEN_D"], num_warps=num_warps)
     cin = torch.empty(Bb, n_seg, N, Dm, device=u.device, dtype=torch.float32)
     SEGS = triton.next_power_of_2(n_c)
     _scan_combine_kernel[(triton.cdiv(N * Dm, 2048 // SEGS), Bb)](loc, P, cin, n_c, sub, n_seg, N * Dm, SEGS=SEGS,
@@ -1506,7 +1555,8 @@ def scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, pos, delta_softplus, BD
         B, C = B.float(), C.float()
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
     # the forward keeps its channel masks (EVEN_D: slower with boundaries, notes/perf.md v16)
-    cin = _carries(tensors, strides, dict(flags, EVEN_D=False), out, seg_len, n_seg, BD, delta_softplus, False)
+    cin = _carries(tensors, strides, dict(flags, EVEN_D=False), out, seg_len, n_seg, BD, num_warps, bc_lanes,
+                   delta_softplus, False)
     _scan_fwd_kernel[(triton.cdiv(Dm, BD), n_seg, Bb)](
         *tensors, out, states, cin, L, Dm, n_chunks, seg_len, n_seg, *strides, N=N, BD=BD, CHUNK=CHUNK,
         SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps, **flags)
@@ -1549,7 +1599,8 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
     dD = torch.empty(Bb * n_seg, Dm, **f32)  # partial sums of each (row, segment)
     dbias = torch.empty(Bb * n_seg, Dm, **f32)
-    cin = _carries(tensors, strides, dict(flags, EVEN_D=even_d), dy_tok, seg_len, n_seg, BD, delta_softplus, True)
+    cin = _carries(tensors, strides, dict(flags, EVEN_D=even_d), dy_tok, seg_len, n_seg, BD, num_warps, bc_lanes,
+                   delta_softplus, True)
     _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dy_tok, qa, cin, du, ddelta, dB, dA, dts, dD,
                                                   dbias, L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
                                                   **consts)

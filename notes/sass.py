@@ -32,15 +32,15 @@ BF16 = {"u_ptr", "dl_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddl_ptr", 
 
 def compile_kernel(module, which, reverse, maxnreg=None):
     """The cubin of one scan kernel, with the constants and argument types its launcher gives it."""
-    fn = getattr(module, KERNELS[which])
     backward = which in ("states", "adjoint") or (which == "carry" and reverse)
-    # the carry pass's tiles (T tokens on num_warps warps; versions before v17 walked it on one warp)
-    carry_cfg = getattr(module, "SCAN_CARRY_CONFIG", {}).get("bwd" if backward else "fwd", dict(T=None, num_warps=1))
+    # the backward's carry pass: since v17 a kernel of its own, summing tiles of T tokens on num_warps warps
+    tiles = getattr(module, "SCAN_CARRY_BWD_CONFIG", None) if which == "carry" and reverse else None
+    fn = getattr(module, "_scan_carry_bwd_kernel" if tiles else KERNELS[which])
     bc_lanes = backward  # as SCAN_*_CONFIG choose at d_state 16
     # EVEN_D: the backward's launcher drops the channel masks at d_inner a multiple of 32, the forward's does not
     consts = dict(N=16, BD=32, CHUNK=module.CHUNK, LOG2_N=4, LOG2_BD=5, HAS_D=True, HAS_Z=True, EVEN=True,
                   EVEN_D=backward, HAS_BIAS=True, HAS_POS=True, SOFTPLUS=True, BC_LANES=bc_lanes, REVERSE=reverse,
-                  T=carry_cfg["T"])
+                  T=tiles and tiles["T"])
     # after the states pass, the backward reads dt and dL/dy (fp32) in delta's and dout's place
     bf16 = BF16 - {"dl_ptr", "dout_ptr"} if backward and which != "states" else BF16
     # the forward's launcher copies B and C to fp32 where every lane reads all of them (not BC_LANES)
@@ -59,7 +59,7 @@ def compile_kernel(module, which, reverse, maxnreg=None):
         else:
             signature[name] = "i32"
     src = ASTSource(fn, signature=signature, constexprs=constexprs)
-    options = dict(num_warps=carry_cfg["num_warps"] if which == "carry" else 1, maxnreg=maxnreg)
+    options = dict(num_warps=tiles["num_warps"] if tiles else 1, maxnreg=maxnreg)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
