@@ -1486,10 +1486,10 @@ def _bwd_grid(u, programs, segments, carry):
     SCAN_BWD_PROGRAMS_PER_SM) where whole rows fill one wave of it at least 40%; otherwise capped, since a
     second wave would run almost empty (at 8 x 2048 tokens: d_inner 5120) and splitting a row costs its
     carry pass (1536). The whole backward on an H200 at 8 x 2048 tokens (CHUNK 128), against other grids
-    (ms): at 4096 the states pass uncapped in whole rows 2.537, capped in 16 segments 2.495, in 3 (what
-    _segments' model picks) 2.613 (A/B), the adjoint pass capped in whole rows 2.688; at 1536 and 5120 no
-    other grid swept was faster by more than the sweep's noise, 1% (notes/scan_bwd_grid.py,
-    notes/perf.md v16)."""
+    (ms): at 4096 the states pass uncapped in whole rows 2.551, capped in 16 segments 2.509 (A/B), in 3
+    (what _segments' model picks) 2.613, the adjoint pass capped in whole rows 2.688; at 5120 the same, at
+    1536 +0.5% for the states pass's 16 segments against the model's 4; no other grid swept was faster by
+    more than the sweep's noise, 1% (notes/scan_bwd_grid.py, notes/perf.md v16, v17)."""
     if not carry:
         seg_len, n_seg = _segments(u, programs, segments or _n_chunks(u.shape[1]), 1, carry)
         return seg_len, n_seg, SCAN_BWD_CAP["maxnreg"]

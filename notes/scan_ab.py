@@ -5,13 +5,15 @@ at the shapes of notes/kernel_sweep.py (8 rows x 2048 tokens packed from D1 leng
 and fp32); a version that fails is reported and not timed. Then every version's forward and backward
 run on the GPU alone (bench.gpu_ms), packed and pos=None, with each gradient's largest difference from
 this checkout's (relative to its largest value). With --fwd, only the forward: its time and its output's
-and chunk states' largest differences from this checkout's. A table last; everything in out.json. Run from
-the repository root on a GPU, the other versions inside the tree (the device copies only the tree), e.g.:
+and chunk states' largest differences from this checkout's. With --profile, also each kernel's GPU ms
+(torch.profiler) in the passes timed. A table last; everything in out.json. Run from the repository root
+on a GPU, the other versions inside the tree (the device copies only the tree), e.g.:
     git show scan-softplus-series:kernels.py > notes/kernels_b.py
     python notes/scan_ab.py out.json notes/kernels_b.py
     python notes/scan_ab.py --fwd out.json notes/kernels_b.py
-    python notes/scan_ab.py --widths 1536 out.json notes/kernels_b.py   # some d_inner only
+    python notes/scan_ab.py --widths 1536 --profile out.json notes/kernels_b.py
 """
+import argparse
 import importlib.util
 import json
 import os
@@ -19,6 +21,7 @@ import shlex
 import sys
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "notes")
@@ -82,23 +85,47 @@ def time_both(module, args, dout, pos, ref):
     return t, ref
 
 
-def main(out, paths, fwd_only, widths):
+def kernel_ms(fn):
+    """Each kernel's GPU ms in one call of fn: torch.profiler, the mean of 5 calls after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / 5 / 1000 for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def profile_passes(module, args, dout, pos, fwd_only):
+    """kernel_ms of the forward (and the backward), packed and pos=None."""
+    res = {}
+    for bounds, p in (("packed", pos), ("nopos", None)):
+        _, states = module.scan_fwd_triton(*args, p, True)
+        res[f"fwd_{bounds}"] = kernel_ms(lambda: module.scan_fwd_triton(*args, p, True))
+        if not fwd_only:
+            res[f"bwd_{bounds}"] = kernel_ms(lambda: module.scan_bwd_triton(dout, *args, p, states, True))
+    return res
+
+
+def main(out, paths, fwd_only, widths, profile_kernels):
     versions = [("this", kernels)] + [(os.path.basename(p), load(p)) for p in paths]
-    command = ["python", "notes/scan_ab.py", *(["--fwd"] if fwd_only else []),
-               *(["--widths", ",".join(map(str, widths))] if widths else []), out, *paths]
-    res = {"env": dict(bench.environment("cuda", []), command=shlex.join(command)),
+    res = {"env": dict(bench.environment("cuda", []), command=shlex.join(["python", *sys.argv])),
            "checks": {name: check(module) for name, module in versions[1:]}}
     print("checks:", res["checks"], flush=True)
     versions = [(name, m) for name, m in versions if name == "this" or res["checks"][name] == "pass"]
     timed = time_fwd if fwd_only else time_both
     rows = []
-    for Dm, args, dout, pos in timing_shapes(**({"widths": widths} if widths else {})):
+    for Dm, args, dout, pos in timing_shapes(widths=widths):
         ref = None
         for name, module in versions:
             t, ref = timed(module, args, dout, pos, ref)
             res[f"{name}_{Dm}"] = t
             rows.append((Dm, name, t))
             print(Dm, name, {k: round(v, 4) for k, v in t.items()}, flush=True)
+            if profile_kernels:
+                res[f"{name}_{Dm}_kernels"] = k = profile_passes(module, args, dout, pos, fwd_only)
+                for passes, ms in k.items():
+                    print(f"  {passes}:", {kernel[:32]: round(v, 4) for kernel, v in ms.items()}, flush=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     if fwd_only:
@@ -120,12 +147,13 @@ def main(out, paths, fwd_only, widths):
 
 
 if __name__ == "__main__":
-    argv = [a for a in sys.argv[1:] if a != "--fwd"]
-    widths = None
-    if "--widths" in argv:
-        i = argv.index("--widths")
-        widths = tuple(int(w) for w in argv[i + 1].split(","))
-        del argv[i:i + 2]
-    if not argv or not torch.cuda.is_available():
-        raise SystemExit(__doc__ + "\n(needs a GPU)")
-    main(argv[0], argv[1:], "--fwd" in sys.argv[1:], widths)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="JSON file for the results")
+    parser.add_argument("versions", nargs="*", help="other versions of kernels.py to time against this one")
+    parser.add_argument("--fwd", action="store_true", help="the forward only")
+    parser.add_argument("--widths", default="1536,4096,5120", help="d_inner values, comma-separated")
+    parser.add_argument("--profile", action="store_true", help="also each kernel's GPU ms (torch.profiler)")
+    a = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a GPU")
+    main(a.out, a.versions, a.fwd, tuple(int(w) for w in a.widths.split(",")), a.profile)

@@ -12,13 +12,13 @@ import json
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "notes")
 import bench  # noqa: E402
 import kernels  # noqa: E402
 from kernel_sweep import timing_shapes  # noqa: E402
+from scan_ab import kernel_ms  # noqa: E402
 
 RULE = kernels._bwd_grid
 # name: {pass: (segments, maxnreg)}, "states" the first pass, "adjoint" the second
@@ -48,14 +48,7 @@ def main(out):
     for Dm, args, dout, pos in timing_shapes():
         _, states = kernels.scan_fwd_triton(*args, pos, True)
         fn = lambda: kernels.scan_bwd_triton(dout, *args, pos, states, True)  # noqa: E731
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                fn()
-            torch.cuda.synchronize()
-        res[f"kernels_{Dm}"] = {e.key[:60]: e.device_time_total / 5 / 1000 for e in prof.key_averages()
-                                if e.device_time_total > 0}
+        res[f"kernels_{Dm}"] = {k[:60]: ms for k, ms in kernel_ms(fn).items()}
         print(Dm, {k: round(v, 3) for k, v in res[f"kernels_{Dm}"].items()}, flush=True)
         for name, v in VARIANTS.items():
             with_grid(**v)
