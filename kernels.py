@@ -717,11 +717,12 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # _scan_carry_kernel computes the local carry and decay product of every chunk
 # a segment needs (one more exp per state and token, for the tokens no document
 # start cuts off; a chunk per program, so it fills the GPU where the segments do
-# not). It does not walk: a carry is a sum over the chunk's tokens, each decayed
-# by exp(A x the dt summed up to the chunk's end), so it takes tiles of tokens at
-# once. _scan_combine_kernel chains the chunks' carries (an associative scan)
+# not), _scan_combine_kernel chains them (an associative scan over the chunks)
 # into the carry entering each segment, and the main kernels start from that.
-# The backward does the same for the adjoint, the other way.
+# The backward does the same for the adjoint, the other way, except that its
+# carry pass (_scan_carry_bwd_kernel) does not walk: a chunk's carry is a sum
+# over its tokens, each decayed by exp(A x the dt summed from the chunk's start),
+# so it takes tiles of tokens at once (faster there; slower in the forward).
 #
 # What the backward needs and what is saved: the inputs, plus the state at the
 # end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 32 states
