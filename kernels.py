@@ -1412,8 +1412,9 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 # loading all of B and C.
 SCAN_FWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=False)
 SCAN_BWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=True)
-# The backward's carry pass: tiles of T tokens x N states x BD channels on num_warps warps (H200, d_inner 1536,
-# 8 x 2048 tokens: the best of T 8 to 32 on 1 to 4 warps, notes/perf.md v17).
+# The backward's carry pass: tiles of T tokens x N states x BD channels on num_warps warps. H200, d_inner 1536,
+# 8 x 2048 tokens: 0.098 ms at T 32 on 4 warps, 0.105 at T 16; T 16 on 2 warps and T 8 on 1 within 1% of it
+# in the whole backward (notes/perf.md v17).
 SCAN_CARRY_BWD_CONFIG = dict(T=32, num_warps=4)
 # How many programs of each kernel fit on a multiprocessor at once (registers: 159 forward, 255 backward).
 # With the GPU well filled, rows stay whole; else they are split into segments (notes/perf.md).
