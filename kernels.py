@@ -905,6 +905,21 @@ def _gate(x, zz, HAS_Z: tl.constexpr):
 
 
 @triton.jit
+def _doc_start(pos_p, lo, hi, s_pl, none, CHUNK: tl.constexpr, LAST: tl.constexpr):
+    """The first (LAST: the last) document start among the tokens [lo, hi) of a row's pos, else `none`: what a
+    carry pass's piece may skip."""
+    start = none
+    for t0 in range(lo, hi, CHUNK):
+        tt = t0 + tl.arange(0, CHUNK)
+        pp = tl.load(pos_p + tt * s_pl, mask=tt < hi, other=1)
+        if LAST:
+            start = tl.maximum(start, tl.max(tl.where(pp == 0, tt, none)))
+        else:
+            start = tl.minimum(start, tl.min(tl.where(pp == 0, tt, none)))
+    return start
+
+
+@triton.jit
 def _carry_token(c, sdt, cut, u, dl, Bt, p, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                  BC_LANES: tl.constexpr):
     """One token of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag."""
@@ -937,11 +952,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
     if HAS_POS:
         # the last document start from the piece to its segment's end, the piece's own tokens included
         hi = tl.minimum((s // sub + 1) * sub * piece_len, L)
-        start = w0
-        for t0 in range(w0, hi, CHUNK):
-            tt = t0 + tl.arange(0, CHUNK)
-            pp = tl.load(pos_ptr + b * s_pb + tt * s_pl, mask=tt < hi, other=1)
-            start = tl.maximum(start, tl.max(tl.where(pp == 0, tt, w0)))
+        start = _doc_start(pos_ptr + b * s_pb, w0, hi, s_pl, w0, CHUNK, True)
         w0 = tl.maximum(w0, w1 - tl.cdiv(tl.maximum(w1 - start, 0), GROUP) * GROUP)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
     dm = _in_channels(d, Dm, EVEN_D)
@@ -1002,11 +1013,7 @@ def _scan_carry_bwd_kernel(dt_ptr, At_ptr, C_ptr, pos_ptr, dy_ptr, loc_ptr, P_pt
     if HAS_POS:
         pos_p = pos_ptr + b * s_pb
         lo = (s // sub) * sub * piece_len  # the segment's first token
-        first_start = w1  # the piece's first document start (w1: none)
-        for t0 in range(w0, w1, CHUNK):
-            tt = t0 + tl.arange(0, CHUNK)
-            pp = tl.load(pos_p + tt * s_pl, mask=tt < w1, other=1)
-            first_start = tl.minimum(first_start, tl.min(tl.where(pp == 0, tt, w1)))
+        first_start = _doc_start(pos_p, w0, w1, s_pl, w1, CHUNK, False)  # the piece's first (w1: none)
         # no start in [lo, w0): the document of the token before the piece starts before lo
         needed = (w0 == lo) | (w0 - 1 - tl.load(pos_p + tl.maximum(w0 - 1, 0) * s_pl) < lo)
         cut = needed & (first_start < w1)
@@ -1508,11 +1515,11 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
     that fills it; at most 1024 pieces per row (the combine's tile). H200, d_inner 1536, 8 x 2048 tokens,
     backward (4 segments of 4 chunks): 1.189 -> 1.158 ms (notes/perf.md v13). The backward's tensors carry dt
     in delta's place and dout is dL/dy. flags: _scan_args', plus EVEN_D as the caller's kernels take it."""
-    u, A = tensors[0], tensors[2]
+    u, delta, At, B, C, _, _, bias, pos = tensors
     if n_seg == 1:
-        return A.new_zeros(1)
+        return At.new_zeros(1)
     Bb, L, Dm = u.shape
-    N = A.shape[0]
+    N = At.shape[0]
     seg_chunks = seg_len // CHUNK
     sub = max(m for m in range(1, seg_chunks + 1) if seg_chunks % m == 0 and n_seg * m <= max(n_seg, 1024))
     # the pieces whose carries some segment needs: forward, all of the segments before the last; backward,
@@ -1520,7 +1527,6 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
     n_c = (n_seg - 1) * sub if not reverse else triton.cdiv(_n_chunks(L), seg_chunks // sub) - sub
     loc = torch.empty(Bb, n_c, N, Dm, device=u.device, dtype=torch.float32)
     P = torch.empty_like(loc)
-    u, delta, At, B, C, _, _, bias, pos = tensors
     s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, _, _, s_pb, s_pl = strides
     grid = (triton.cdiv(Dm, BD), n_c, Bb)
     if reverse:

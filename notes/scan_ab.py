@@ -59,32 +59,6 @@ def maxdiff(got, ref):
                for g, r in zip(got, ref) if r is not None)
 
 
-def time_fwd(module, args, dout, pos, ref):
-    """The forward's GPU ms, packed and pos=None, and the largest difference of its output and states from
-    ref's (this checkout's; None: these are)."""
-    got = module.scan_fwd_triton(*args, pos, True)
-    ref = ref or got
-    t = {"maxdiff": maxdiff(got, ref)}
-    for bounds, p in (("packed", pos), ("nopos", None)):
-        t[f"fwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_fwd_triton(*args, p, True))
-    return t, ref
-
-
-def time_both(module, args, dout, pos, ref):
-    """The forward's and the backward's GPU ms, packed and pos=None, and the largest difference of the
-    gradients (packed) from ref's (this checkout's; None: these are)."""
-    t = {}
-    for bounds, p in (("packed", pos), ("nopos", None)):
-        _, states = module.scan_fwd_triton(*args, p, True)
-        if bounds == "packed":
-            grads = module.scan_bwd_triton(dout, *args, p, states, True)
-            ref = ref or grads
-            t["maxdiff"] = maxdiff(grads, ref)
-        t[f"fwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_fwd_triton(*args, p, True))
-        t[f"bwd_{bounds}"] = bench.gpu_ms(lambda: module.scan_bwd_triton(dout, *args, p, states, True))
-    return t, ref
-
-
 def kernel_ms(fn):
     """Each kernel's GPU ms in one call of fn: torch.profiler, the mean of 5 calls after a warm-up."""
     fn()
@@ -96,15 +70,37 @@ def kernel_ms(fn):
     return {e.key: e.device_time_total / 5 / 1000 for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def profile_passes(module, args, dout, pos, fwd_only):
-    """kernel_ms of the forward (and the backward), packed and pos=None."""
-    res = {}
+def measure(t, k, key, fn):
+    """t[key] = fn's GPU ms; with k (a dict, for --profile) also k[key] = each kernel's."""
+    t[key] = bench.gpu_ms(fn)
+    if k is not None:
+        k[key] = kernel_ms(fn)
+
+
+def time_fwd(module, args, dout, pos, ref, k):
+    """The forward's GPU ms, packed and pos=None, and the largest difference of its output and states from
+    ref's (this checkout's; None: these are)."""
+    got = module.scan_fwd_triton(*args, pos, True)
+    ref = ref or got
+    t = {"maxdiff": maxdiff(got, ref)}
+    for bounds, p in (("packed", pos), ("nopos", None)):
+        measure(t, k, f"fwd_{bounds}", lambda: module.scan_fwd_triton(*args, p, True))
+    return t, ref
+
+
+def time_both(module, args, dout, pos, ref, k):
+    """The forward's and the backward's GPU ms, packed and pos=None, and the largest difference of the
+    gradients (packed) from ref's (this checkout's; None: these are)."""
+    t = {}
     for bounds, p in (("packed", pos), ("nopos", None)):
         _, states = module.scan_fwd_triton(*args, p, True)
-        res[f"fwd_{bounds}"] = kernel_ms(lambda: module.scan_fwd_triton(*args, p, True))
-        if not fwd_only:
-            res[f"bwd_{bounds}"] = kernel_ms(lambda: module.scan_bwd_triton(dout, *args, p, states, True))
-    return res
+        if bounds == "packed":
+            grads = module.scan_bwd_triton(dout, *args, p, states, True)
+            ref = ref or grads
+            t["maxdiff"] = maxdiff(grads, ref)
+        measure(t, k, f"fwd_{bounds}", lambda: module.scan_fwd_triton(*args, p, True))
+        measure(t, k, f"bwd_{bounds}", lambda: module.scan_bwd_triton(dout, *args, p, states, True))
+    return t, ref
 
 
 def main(out, paths, fwd_only, widths, profile_kernels):
@@ -118,12 +114,13 @@ def main(out, paths, fwd_only, widths, profile_kernels):
     for Dm, args, dout, pos in timing_shapes(widths=widths):
         ref = None
         for name, module in versions:
-            t, ref = timed(module, args, dout, pos, ref)
+            k = {} if profile_kernels else None
+            t, ref = timed(module, args, dout, pos, ref, k)
             res[f"{name}_{Dm}"] = t
             rows.append((Dm, name, t))
-            print(Dm, name, {k: round(v, 4) for k, v in t.items()}, flush=True)
+            print(Dm, name, {key: round(v, 4) for key, v in t.items()}, flush=True)
             if profile_kernels:
-                res[f"{name}_{Dm}_kernels"] = k = profile_passes(module, args, dout, pos, fwd_only)
+                res[f"{name}_{Dm}_kernels"] = k
                 for passes, ms in k.items():
                     print(f"  {passes}:", {kernel[:32]: round(v, 4) for kernel, v in ms.items()}, flush=True)
     with open(out, "w") as f:
