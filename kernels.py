@@ -905,17 +905,13 @@ def _gate(x, zz, HAS_Z: tl.constexpr):
 
 
 @triton.jit
-def _doc_start(pos_p, lo, hi, s_pl, none, CHUNK: tl.constexpr, LAST: tl.constexpr):
-    """The first (LAST: the last) document start among the tokens [lo, hi) of a row's pos, else `none`: what a
-    carry pass's piece may skip."""
-    start = none
+def _first_start(pos_p, lo, hi, s_pl, CHUNK: tl.constexpr):
+    """The first document start among the tokens [lo, hi) of a row's pos, else hi."""
+    start = hi
     for t0 in range(lo, hi, CHUNK):
         tt = t0 + tl.arange(0, CHUNK)
         pp = tl.load(pos_p + tt * s_pl, mask=tt < hi, other=1)
-        if LAST:
-            start = tl.maximum(start, tl.max(tl.where(pp == 0, tt, none)))
-        else:
-            start = tl.minimum(start, tl.min(tl.where(pp == 0, tt, none)))
+        start = tl.minimum(start, tl.min(tl.where(pp == 0, tt, hi)))
     return start
 
 
@@ -950,9 +946,10 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
     # lie before the document start, which zeroes them
     w0, w1 = c0 * CHUNK, c1 * CHUNK
     if HAS_POS:
-        # the last document start from the piece to its segment's end, the piece's own tokens included
+        # the last document start from the piece to its segment's end, the piece's own tokens included (w0 if
+        # none): pos being each token's offset in its document, one load at the segment's last token tells it
         hi = tl.minimum((s // sub + 1) * sub * piece_len, L)
-        start = _doc_start(pos_ptr + b * s_pb, w0, hi, s_pl, w0, CHUNK, True)
+        start = tl.maximum(hi - 1 - tl.load(pos_ptr + b * s_pb + (hi - 1) * s_pl), w0)
         w0 = tl.maximum(w0, w1 - tl.cdiv(tl.maximum(w1 - start, 0), GROUP) * GROUP)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
     dm = _in_channels(d, Dm, EVEN_D)
@@ -1013,7 +1010,7 @@ def _scan_carry_bwd_kernel(dt_ptr, At_ptr, C_ptr, pos_ptr, dy_ptr, loc_ptr, P_pt
     if HAS_POS:
         pos_p = pos_ptr + b * s_pb
         lo = (s // sub) * sub * piece_len  # the segment's first token
-        first_start = _doc_start(pos_p, w0, w1, s_pl, w1, CHUNK, False)  # the piece's first (w1: none)
+        first_start = _first_start(pos_p, w0, w1, s_pl, CHUNK)  # the piece's first (w1: none)
         # no start in [lo, w0): the document of the token before the piece starts before lo
         needed = (w0 == lo) | (w0 - 1 - tl.load(pos_p + tl.maximum(w0 - 1, 0) * s_pl) < lo)
         cut = needed & (first_start < w1)
