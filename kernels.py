@@ -722,7 +722,7 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # The backward does the same for the adjoint, the other way, except that its
 # carry pass (_scan_carry_bwd_kernel) does not walk: a chunk's carry is a sum
 # over its tokens, each decayed by exp(A x the dt summed from the chunk's start),
-# so it takes tiles of tokens at once (faster there; slower in the forward).
+# so it takes tiles of tokens at once (faster there; in the forward, no faster).
 #
 # What the backward needs and what is saved: the inputs, plus the state at the
 # end of every CHUNK tokens (B, L/CHUNK, N, Dm) in fp32 (d_inner 4096: 32 states
@@ -936,7 +936,8 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
     walked, and none where a document starts between the piece and its segment's end: no segment's carry
     gets anything from the piece then, and it leaves loc = 0, P = 1. In bench.py's D1 rows (2048 tokens, 4
     segments at d_inner 1536) that skips 14% of the tokens (notes/perf.md, v15). The backward's carry pass
-    sums tiles instead (_scan_carry_bwd_kernel); here that was slower (notes/perf.md v17)."""
+    sums tiles instead (_scan_carry_bwd_kernel); here tiles ran even with the walk on packed rows and slower
+    without boundaries (notes/perf.md v17, v18)."""
     b = tl.program_id(2).to(tl.int64)
     s = tl.program_id(1)
     # the piece's chunks [c0, c1): the last piece may have fewer, and with EVEN no token past L may be walked
