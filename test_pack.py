@@ -666,10 +666,11 @@ def test_scan_triton_carry_pieces(segments, bc_lanes, small_chunks):
     """Segments of several chunks (6 x 8 tokens in 2 or 3 segments), whose carry passes walk one chunk per
     program: the combine picks the carries at the segments' edges out of the chunks', and a piece walks only
     from its last document start (forward; up to its first, backward), none where another starts between it
-    and its segment's end. Documents span chunk and segment edges, two start in one chunk, and at 3 segments
-    the middle one's last start is a chunk's first token (24: that piece must cut off the first segment's
-    carry); the second row is one document. Each B/C mode once (the interpreter is slow)."""
-    check_scan_triton(6 * kernels.CHUNK, [[5, 19, 9, 2, 13], [48]], segments, bc_lanes)
+    and its segment's end. Documents span chunk and segment edges; three start in the first chunk, the last on
+    its last token (7: the forward's piece walks just that one); at 3 segments the middle one's last start is
+    a chunk's first token (24: that piece must cut off the first segment's carry); the second row is one
+    document. Each B/C mode once (the interpreter is slow)."""
+    check_scan_triton(6 * kernels.CHUNK, [[5, 2, 17, 9, 2, 13], [48]], segments, bc_lanes)
 
 
 def test_scan_triton_optional_inputs(small_chunks):
