@@ -999,7 +999,7 @@ def _scan_carry_bwd_kernel(dt_ptr, At_ptr, C_ptr, pos_ptr, dy_ptr, loc_ptr, P_pt
         loc = sum_t exp(A S_t) C_t dy_t,  S_t = the sum of dt over [w0, t],
     taken T tokens at a time as (T, N, BD) tiles, S by a cumulative sum along the tile: every load of a tile is
     issued before any is used, where a walk waits on its loads every few tokens (H200, d_inner 1536, 8 x 2048
-    tokens: 0.144 -> 0.098 ms; the forward's carry pass, summed so, got slower: notes/perf.md v17).
+    tokens: 0.144 -> 0.098 ms; the forward's carry pass, summed so, gained nothing: notes/perf.md v17, v18).
     A document start zeroes what comes after it in the adjoint's order (a_t = 0 there), so only the tokens
     before the piece's first start count, and none where a document starts between its segment's start and
     the piece: no segment's carry gets anything from the piece then, and it leaves loc = 0, P = 1."""
