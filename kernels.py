@@ -926,7 +926,7 @@ def _carry_token(c, sdt, cut, u, dl, Bt, p, ok, bias, A2, sn, HAS_BIAS: tl.const
 @triton.jit
 def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, loc_ptr, P_ptr, L, Dm, piece_len, sub,
                        n_c, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_pb, s_pl,
-                       N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       N: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr,
                        EVEN_D: tl.constexpr):
     """The forward's local carries of n_c pieces of piece_len tokens (sub to a segment), each started from
@@ -940,12 +940,11 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
     without boundaries (notes/perf.md v17, v18)."""
     b = tl.program_id(2).to(tl.int64)
     s = tl.program_id(1)
-    # the piece's chunks [c0, c1): the last piece may have fewer, and with EVEN no token past L may be walked
-    c0 = s * (piece_len // CHUNK)
-    c1 = tl.minimum(c0 + piece_len // CHUNK, tl.cdiv(L, CHUNK))
-    # the tokens to walk, [w0, w1): whole groups of GROUP from the piece's end; the extra tokens a group adds
-    # lie before the document start, which zeroes them
-    w0, w1 = c0 * CHUNK, c1 * CHUNK
+    # the tokens to walk, [w0, w1): whole groups of GROUP from the piece's end (piece_len is a multiple of
+    # GROUP, and every piece lies before the last segment, inside the row); the extra tokens a group adds lie
+    # before the document start, which zeroes them
+    w0 = s * piece_len
+    w1 = w0 + piece_len
     if HAS_POS:
         # the last document start from the piece to its segment's end, the piece's own tokens included (w0 if
         # none): pos being each token's offset in its document, one load at the segment's last token tells it
@@ -1421,6 +1420,12 @@ SCAN_BWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=True)
 # 8 x 2048 tokens: 0.098 ms at T 32 on 4 warps, 0.105 at T 16; T 16 on 2 warps and T 8 on 1 within 1% of it
 # in the whole backward (notes/perf.md v17).
 SCAN_CARRY_BWD_CONFIG = dict(T=32, num_warps=4)
+# The carry passes' pieces: CHUNK / SCAN_CARRY_SPLIT tokens. The forward's programs are short walks of one warp
+# at 127 registers (16 per SM): in one-chunk pieces at d_inner 1536 they made 2.2 waves, the last a fifth full
+# (ncu: 72% of the occupancy the registers allow), 0.105 ms; in half-chunk pieces 4.4 waves, 0.092 ms (the
+# combine's 0.008 -> 0.015); quarter-chunk 0.091 (combine 0.030). The backward's tile programs already made 8.7
+# waves: in half-chunk pieces 0.093 -> 0.100 ms (combine 0.013 -> 0.025) (H200, 8 x 2048 tokens; notes/perf.md v19).
+SCAN_CARRY_SPLIT = dict(fwd=2, bwd=1)
 # How many programs of each kernel fit on a multiprocessor at once (registers: 159 forward, 255 backward).
 # With the GPU well filled, rows stay whole; else they are split into segments (notes/perf.md).
 SCAN_FWD_PROGRAMS_PER_SM = 12
@@ -1448,12 +1453,13 @@ def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos):
                  EVEN=u.shape[1] % CHUNK == 0)  # rows of whole chunks: no token past the end is used
     u, delta, B, C = (_rowmajor(t) for t in (u, delta, B, C))
     z = _rowmajor(z) if z is not None else u
-    pos_ = pos if pos is not None else u.new_zeros(1, 1, dtype=torch.int32)
-    dummy = A.new_zeros(1)
+    pos_ = pos if pos is not None else u.new_empty(1, 1, dtype=torch.int32)  # read by no kernel
     # A goes in transposed, (N, Dm): loads along d are contiguous, which keeps the state's N axis
     # inside each thread (Triton lays tiles out along the contiguous axis)
-    tensors = (u, delta, A.t().contiguous(), B, C, D if D is not None else dummy, z,
-               delta_bias if delta_bias is not None else dummy, pos_)
+    At = A.t().contiguous()
+    # At also stands in for an absent D or delta bias, which no kernel reads (a tensor of its own would cost a
+    # launch to fill)
+    tensors = (u, delta, At, B, C, D if D is not None else At, z, delta_bias if delta_bias is not None else At, pos_)
     strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
                C.stride(0), C.stride(1), z.stride(0), z.stride(1), pos_.stride(0), pos_.stride(1))
     return tensors, strides, flags
@@ -1509,20 +1515,25 @@ def _bwd_grid(u, programs, segments, carry):
 def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, softplus, reverse):
     """The carry entering each segment (B, n_seg, N, Dm) fp32: the state for the forward (reverse=False),
     the adjoint a_{t+1} g_{t+1} for the backward. Nothing to compute for one segment. The carry passes take
-    pieces of one chunk (sub to a segment), not whole segments: where the segments leave the GPU underfilled,
-    that fills it; at most 1024 pieces per row (the combine's tile). H200, d_inner 1536, 8 x 2048 tokens,
-    backward (4 segments of 4 chunks): 1.189 -> 1.158 ms (notes/perf.md v13). The backward's tensors carry dt
-    in delta's place and dout is dL/dy. flags: _scan_args', plus EVEN_D as the caller's kernels take it."""
+    pieces (sub to a segment) of CHUNK / SCAN_CARRY_SPLIT tokens (fewer, larger ones past 1024 per row, the
+    combine's tile), not whole segments: where the segments leave the GPU underfilled, that fills it (H200,
+    d_inner 1536, 8 x 2048 tokens, backward in 4 segments of 4 chunks, one-chunk pieces against whole segments:
+    1.189 -> 1.158 ms, notes/perf.md v13). The backward's tensors carry dt in delta's place and dout is dL/dy.
+    flags: _scan_args', plus EVEN_D as the caller's kernels take it."""
     u, delta, At, B, C, _, _, bias, pos = tensors
     if n_seg == 1:
-        return At.new_zeros(1)
+        return At  # read by no program
     Bb, L, Dm = u.shape
     N = At.shape[0]
-    seg_chunks = seg_len // CHUNK
-    sub = max(m for m in range(1, seg_chunks + 1) if seg_chunks % m == 0 and n_seg * m <= max(n_seg, 1024))
+    # the smallest pieces, then as many to a segment as the combine takes
+    split = SCAN_CARRY_SPLIT["bwd" if reverse else "fwd"]
+    assert reverse or (CHUNK // split) % GROUP.value == 0, \
+        f"forward carry pieces of {CHUNK // split} tokens: not a multiple of GROUP ({GROUP.value}), its walk's step"
+    pieces = seg_len // CHUNK * split
+    sub = max(m for m in range(1, pieces + 1) if pieces % m == 0 and n_seg * m <= max(n_seg, 1024))
     # the pieces whose carries some segment needs: forward, all of the segments before the last; backward,
     # all after the first
-    n_c = (n_seg - 1) * sub if not reverse else triton.cdiv(_n_chunks(L), seg_chunks // sub) - sub
+    n_c = (n_seg - 1) * sub if not reverse else triton.cdiv(L, seg_len // sub) - sub
     loc = torch.empty(Bb, n_c, N, Dm, device=u.device, dtype=torch.float32)
     P = torch.empty_like(loc)
     s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, _, _, s_pb, s_pl = strides
@@ -1534,7 +1545,7 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
                                      EVEN_D=flags["EVEN_D"], num_warps=SCAN_CARRY_BWD_CONFIG["num_warps"])
     else:
         _scan_carry_kernel[grid](u, delta, At, B, C, bias, pos, loc, P, L, Dm, seg_len // sub, sub, n_c, s_ub, s_ul,
-                                 s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_pb, s_pl, N=N, BD=BD, CHUNK=CHUNK,
+                                 s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_pb, s_pl, N=N, BD=BD,
                                  HAS_BIAS=flags["HAS_BIAS"], HAS_POS=flags["HAS_POS"], SOFTPLUS=softplus,
                                  BC_LANES=bc_lanes, EVEN=flags["EVEN"], EVEN_D=flags["EVEN_D"], num_warps=num_warps)
     cin = torch.empty(Bb, n_seg, N, Dm, device=u.device, dtype=torch.float32)
@@ -1600,7 +1611,8 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=False)
     _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dt_tok, dy_tok, dz, dC, dA, dts, L, Dm,
                                                  n_chunks, seg_len, *strides, maxnreg=maxnreg, **consts)
-    tensors, strides, flags = _scan_args(u, dt_tok, A, B, C, D, None, delta_bias, pos)  # dt for delta, no z
+    # dt for delta, no z; A as the first call's transposed copy, which transposes back without another copy
+    tensors, strides, flags = _scan_args(u, dt_tok, tensors[2].t(), B, C, D, None, delta_bias, pos)
     consts.update(flags)
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
     dD = torch.empty(Bb * n_seg, Dm, **f32)  # partial sums of each (row, segment)
