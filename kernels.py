@@ -1600,9 +1600,10 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     dt_tok, dy_tok = torch.empty(Bb, L, Dm, **f32), torch.empty(Bb, L, Dm, **f32)
     dA = torch.empty(Bb, n_chunks, N, Dm, **f32)  # partial sums of each (row, chunk), both passes adding
     dts = torch.empty(Bb, n_chunks, Dm, **f32)  # each chunk's sum of dt: the first pass writes it, the second reads it
-    # partial sums of each channel block, block outermost: torch sums them in one coalesced sweep
-    dB = torch.empty(n_dblk, Bb, L, N, **f32)
-    dC = torch.empty_like(dB)
+    # partial sums of each channel block, block outermost: torch sums them in one coalesced sweep, dB's and dC's
+    # in one (twice the columns at once as two sums, which it reads closer to the copy bandwidth)
+    dBC = torch.empty(2, n_dblk, Bb, L, N, **f32)
+    dB, dC = dBC[0], dBC[1]
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
     even_d = Dm % BD == 0  # blocks of whole channels: no channel masks
     consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
@@ -1622,8 +1623,9 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dy_tok, qa, cin, du, ddelta, dB, dA, dts, dD,
                                                   dbias, L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
                                                   **consts)
-    return [du, ddelta, dA.sum((0, 1)).t().contiguous().to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
-            dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
+    dB, dC = dBC.sum(1)  # views of one tensor: each output its own copy (a custom op's outputs may not alias)
+    return [du, ddelta, dA.sum((0, 1)).t().contiguous().to(A.dtype), dB.to(B.dtype, copy=True),
+            dC.to(C.dtype, copy=True), dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None]
 
 
