@@ -924,14 +924,15 @@ def _carry_token(c, sdt, cut, u, dl, Bt, p, ok, bias, A2, sn, HAS_BIAS: tl.const
 
 
 @triton.jit
-def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, loc_ptr, P_ptr, L, Dm, piece_len, sub,
+def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, loc_ptr, S_ptr, L, Dm, piece_len, sub,
                        n_c, s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_pb, s_pl,
                        N: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_POS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr,
                        EVEN_D: tl.constexpr):
     """The forward's local carries of n_c pieces of piece_len tokens (sub to a segment), each started from
     zero: the state leaving the piece, h = a_t h + dt_t u_t B_t, walked GROUP tokens a turn. With P = prod
-    a_t over the piece (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains.
+    a_t over the piece (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains, forming
+    P = exp(A S) from the piece's sum of dt S (BD,) stored here (+inf for P = 0).
     A document start zeroes what came before it, so only the tokens from the piece's last start on are
     walked, and none where a document starts between the piece and its segment's end: no segment's carry
     gets anything from the piece then, and it leaves loc = 0, P = 1. In bench.py's D1 rows (2048 tokens, 4
@@ -980,20 +981,19 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
         u2, dl2, B2, _, _, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
         c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
         u3, dl3, B3, _, _, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-    P = tl.where(cut != 0, 0.0, tl.exp2(sdt[None, :] * A2))
-    out = (b * n_c + s) * N * Dm + sn * Dm + d[None, :]
-    tl.store(loc_ptr + out, c, mask=dm[None, :])
-    tl.store(P_ptr + out, P, mask=dm[None, :])
+    tl.store(loc_ptr + (b * n_c + s) * N * Dm + sn * Dm + d[None, :], c, mask=dm[None, :])
+    tl.store(S_ptr + (b * n_c + s) * Dm + d, tl.where(cut != 0, float("inf"), sdt), mask=dm)
 
 
 @triton.jit
-def _scan_carry_bwd_kernel(dt_ptr, At_ptr, C_ptr, pos_ptr, dy_ptr, loc_ptr, P_ptr, L, Dm, piece_len, sub, n_c,
+def _scan_carry_bwd_kernel(dt_ptr, At_ptr, C_ptr, pos_ptr, dy_ptr, loc_ptr, S_ptr, L, Dm, piece_len, sub, n_c,
                            s_db, s_dl, s_cb, s_cl, s_pb, s_pl, N: tl.constexpr, BD: tl.constexpr, T: tl.constexpr,
                            CHUNK: tl.constexpr, HAS_POS: tl.constexpr, EVEN_D: tl.constexpr):
     """The backward's local carries of n_c pieces of piece_len tokens (sub to a segment; the pieces of every
     segment but the first), each started from zero: the adjoint leaving the piece's first token, g = a_t (g +
     C_t dy_t) walking back, from the dt and dy = dL/dy (B, L, Dm) fp32 the backward's first pass stored. With
-    P = prod a_t over the piece (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains.
+    P = prod a_t over the piece (N, BD), the true carry is loc + P carry_in, which _scan_combine_kernel chains
+    (P from the sum of dt stored here, as in the forward's carry pass).
     No walk: since a_t = exp(dt_t A), loc is a sum over the piece's tokens [w0, w1),
         loc = sum_t exp(A S_t) C_t dy_t,  S_t = the sum of dt over [w0, t],
     taken T tokens at a time as (T, N, BD) tiles, S by a cumulative sum along the tile: every load of a tile is
@@ -1032,10 +1032,9 @@ def _scan_carry_bwd_kernel(dt_ptr, At_ptr, C_ptr, pos_ptr, dy_ptr, loc_ptr, P_pt
         w = tl.exp2(A2[None, :, :] * S[:, None, :])  # (T, N, BD)
         acc += tl.sum(w * dy[:, None, :] * Ct.to(tl.float32)[:, :, None], 0)
         run += tl.sum(dt, 0)
-    P = tl.where(cut, 0.0, tl.exp2(run[None, :] * A2))
-    out = (b * n_c + tl.program_id(1)) * N * Dm + n[:, None] * Dm + d[None, :]
-    tl.store(loc_ptr + out, acc, mask=dm[None, :])
-    tl.store(P_ptr + out, P, mask=dm[None, :])
+    piece = b * n_c + tl.program_id(1)
+    tl.store(loc_ptr + piece * N * Dm + n[:, None] * Dm + d[None, :], acc, mask=dm[None, :])
+    tl.store(S_ptr + piece * Dm + d, tl.where(cut, float("inf"), run), mask=dm)
 
 
 @triton.jit
@@ -1045,16 +1044,20 @@ def _chain(P1, loc1, P2, loc2):
 
 
 @triton.jit
-def _scan_combine_kernel(loc_ptr, P_ptr, cin_ptr, n_c, sub, n_seg, M, SEGS: tl.constexpr, BLOCK: tl.constexpr,
-                         REVERSE: tl.constexpr):
-    """Chains the carry pass's n_c local carries (B, n_c, M), sub pieces to a segment, into the carry entering
-    each segment, cin (B, n_seg, M) (zero for the first in the pass's direction): one associative scan."""
+def _scan_combine_kernel(loc_ptr, S_ptr, At_ptr, cin_ptr, n_c, sub, n_seg, M, Dm, SEGS: tl.constexpr,
+                         BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Chains the carry pass's n_c local carries (B, n_c, M = N Dm), sub pieces to a segment, into the carry
+    entering each segment, cin (B, n_seg, M) (zero for the first in the pass's direction): one associative scan.
+    Each piece's decay product is P = exp(A S) from its sum of dt S (B, n_c, Dm), +inf where a document starts
+    in the piece (P = 0): the carry passes store S, 1/N of P's bytes."""
     b = tl.program_id(1).to(tl.int64)
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[None, :]  # (1, BLOCK): state i // Dm, channel i % Dm
     j = tl.arange(0, SEGS)[:, None]  # (SEGS, 1)
     m = (j < n_c) & (i < M)
     loc = tl.load(loc_ptr + (b * n_c + j) * M + i, mask=m, other=0.0)  # (SEGS, BLOCK)
-    P = tl.load(P_ptr + (b * n_c + j) * M + i, mask=m, other=1.0)
+    S = tl.load(S_ptr + (b * n_c + j) * Dm + i % Dm, mask=m, other=0.0)
+    A2 = tl.load(At_ptr + i, mask=i < M, other=0.0) * LOG2E  # At (N, Dm) flattened as the carries are
+    P = tl.where(S == float("inf"), 0.0, tl.exp2(A2 * S))
     _, c = tl.associative_scan((P, loc), 0, _chain, reverse=REVERSE)  # c[j]: the carry leaving piece j
     # pieces that end a segment, and the segment their carry enters: forward, piece s sub - 1 enters segment s;
     # backward (pieces counted from segment 1), piece s sub enters segment s
@@ -1535,23 +1538,23 @@ def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_la
     # all after the first
     n_c = (n_seg - 1) * sub if not reverse else triton.cdiv(L, seg_len // sub) - sub
     loc = torch.empty(Bb, n_c, N, Dm, device=u.device, dtype=torch.float32)
-    P = torch.empty_like(loc)
+    S = torch.empty(Bb, n_c, Dm, device=u.device, dtype=torch.float32)
     s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, _, _, s_pb, s_pl = strides
     grid = (triton.cdiv(Dm, BD), n_c, Bb)
     if reverse:
         T = min(SCAN_CARRY_BWD_CONFIG["T"], triton.next_power_of_2(CHUNK))  # no longer than a piece
-        _scan_carry_bwd_kernel[grid](delta, At, C, pos, dout, loc, P, L, Dm, seg_len // sub, sub, n_c, s_db, s_dl,
+        _scan_carry_bwd_kernel[grid](delta, At, C, pos, dout, loc, S, L, Dm, seg_len // sub, sub, n_c, s_db, s_dl,
                                      s_cb, s_cl, s_pb, s_pl, N=N, BD=BD, T=T, CHUNK=CHUNK, HAS_POS=flags["HAS_POS"],
                                      EVEN_D=flags["EVEN_D"], num_warps=SCAN_CARRY_BWD_CONFIG["num_warps"])
     else:
-        _scan_carry_kernel[grid](u, delta, At, B, C, bias, pos, loc, P, L, Dm, seg_len // sub, sub, n_c, s_ub, s_ul,
+        _scan_carry_kernel[grid](u, delta, At, B, C, bias, pos, loc, S, L, Dm, seg_len // sub, sub, n_c, s_ub, s_ul,
                                  s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_pb, s_pl, N=N, BD=BD,
                                  HAS_BIAS=flags["HAS_BIAS"], HAS_POS=flags["HAS_POS"], SOFTPLUS=softplus,
                                  BC_LANES=bc_lanes, EVEN=flags["EVEN"], EVEN_D=flags["EVEN_D"], num_warps=num_warps)
     cin = torch.empty(Bb, n_seg, N, Dm, device=u.device, dtype=torch.float32)
     SEGS = triton.next_power_of_2(n_c)
-    _scan_combine_kernel[(triton.cdiv(N * Dm, 2048 // SEGS), Bb)](loc, P, cin, n_c, sub, n_seg, N * Dm, SEGS=SEGS,
-                                                                   BLOCK=2048 // SEGS, REVERSE=reverse)
+    _scan_combine_kernel[(triton.cdiv(N * Dm, 2048 // SEGS), Bb)](loc, S, At, cin, n_c, sub, n_seg, N * Dm, Dm,
+                                                                   SEGS=SEGS, BLOCK=2048 // SEGS, REVERSE=reverse)
     return cin
 
 
