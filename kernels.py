@@ -1606,15 +1606,15 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     # partial sums of each channel block, block outermost: torch sums them in one coalesced sweep, dB's and dC's
     # in one (twice the columns at once as two sums, which it reads closer to the copy bandwidth)
     dBC = torch.empty(2, n_dblk, Bb, L, N, **f32)
-    dB, dC = dBC[0], dBC[1]
+    dB_parts, dC_parts = dBC
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
     even_d = Dm % BD == 0  # blocks of whole channels: no channel masks
     consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
                   LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1,  # tl.arange: powers of 2
                   EVEN_D=even_d, **flags)
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=False)
-    _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dt_tok, dy_tok, dz, dC, dA, dts, L, Dm,
-                                                 n_chunks, seg_len, *strides, maxnreg=maxnreg, **consts)
+    _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dt_tok, dy_tok, dz, dC_parts, dA, dts,
+                                                 L, Dm, n_chunks, seg_len, *strides, maxnreg=maxnreg, **consts)
     # dt for delta, no z; A as the first call's transposed copy, which transposes back without another copy
     tensors, strides, flags = _scan_args(u, dt_tok, tensors[2].t(), B, C, D, None, delta_bias, pos)
     consts.update(flags)
@@ -1623,8 +1623,8 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     dbias = torch.empty(Bb * n_seg, Dm, **f32)
     cin = _carries(tensors, strides, dict(flags, EVEN_D=even_d), dy_tok, seg_len, n_seg, BD, num_warps, bc_lanes,
                    delta_softplus, True)
-    _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dy_tok, qa, cin, du, ddelta, dB, dA, dts, dD,
-                                                  dbias, L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
+    _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dy_tok, qa, cin, du, ddelta, dB_parts, dA, dts,
+                                                  dD, dbias, L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
                                                   **consts)
     dB, dC = dBC.sum(1)  # views of one tensor: each output its own copy (a custom op's outputs may not alias)
     return [du, ddelta, dA.sum((0, 1)).t().contiguous().to(A.dtype), dB.to(B.dtype, copy=True),
