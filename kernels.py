@@ -1468,12 +1468,12 @@ def _scan_args(u, delta, A, B, C, D, z, delta_bias, pos):
     return tensors, strides, flags
 
 
-def _segments(u, programs, segments, per_sm, carry=True):
+def _segments(u, programs, segments, per_sm):
     """(segment length in tokens, number of segments), a segment being whole chunks: `segments` of them
     if given, else chosen from the waves of programs the GPU runs (slots = per_sm x multiprocessors at
     once). One wave at least 40% full stays whole. Otherwise: the fewest waves x segment length, plus
-    the carry pass that splitting costs (if `carry`: 15% of a whole pass times the share of the row it
-    walks, all segments but the last) and 0.5% per segment (each program's setup). On an H200 at 8 x
+    the carry pass that splitting costs (15% of a whole pass times the share of the row it walks, all
+    segments but the last) and 0.5% per segment (each program's setup). On an H200 at 8 x
     2048 tokens this picks 4 / 1 / 1 forward segments at d_inner 1536 / 4096 / 5120, the best of a sweep
     (1536: 0.404 ms, 16 segments 0.414, 8 0.429; notes/scan_sweep.py, notes/perf.md); the backward's
     passes, see _bwd_grid."""
@@ -1482,12 +1482,12 @@ def _segments(u, programs, segments, per_sm, carry=True):
 
     def cost(seg_chunks):
         n_seg = triton.cdiv(n_chunks, seg_chunks)
-        return (triton.cdiv(programs * n_seg, slots) * seg_chunks / n_chunks + 0.15 * carry * (n_seg - 1) / n_seg
+        return (triton.cdiv(programs * n_seg, slots) * seg_chunks / n_chunks + 0.15 * (n_seg - 1) / n_seg
                 + 0.005 * n_seg)
 
     if segments is not None:
         seg_chunks = triton.cdiv(n_chunks, min(segments, n_chunks))
-    elif carry and 0.4 * slots <= programs <= slots:
+    elif 0.4 * slots <= programs <= slots:
         seg_chunks = n_chunks
     else:
         seg_chunks = min(range(n_chunks, 0, -1), key=cost)
@@ -1507,12 +1507,13 @@ def _bwd_grid(u, programs, segments, carry):
     1536 +0.5% for the states pass's 16 segments against the model's 4; no other grid swept was faster by
     more than the sweep's noise, 1% (notes/scan_bwd_grid.py, notes/perf.md v16, v17)."""
     if not carry:
-        seg_len, n_seg = _segments(u, programs, segments or _n_chunks(u.shape[1]), 1, carry)
+        # an explicit count, which _segments keeps (per_sm unused)
+        seg_len, n_seg = _segments(u, programs, segments or _n_chunks(u.shape[1]), 1)
         return seg_len, n_seg, SCAN_BWD_CAP["maxnreg"]
     slots = SCAN_BWD_PROGRAMS_PER_SM * _sm_count(u.device)
     if 0.4 * slots <= programs <= slots:
-        return *_segments(u, programs, segments, SCAN_BWD_PROGRAMS_PER_SM, carry), None
-    return *_segments(u, programs, segments, SCAN_BWD_CAP["programs_per_sm"], carry), SCAN_BWD_CAP["maxnreg"]
+        return *_segments(u, programs, segments, SCAN_BWD_PROGRAMS_PER_SM), None
+    return *_segments(u, programs, segments, SCAN_BWD_CAP["programs_per_sm"]), SCAN_BWD_CAP["maxnreg"]
 
 
 def _carries(tensors, strides, flags, dout, seg_len, n_seg, BD, num_warps, bc_lanes, softplus, reverse):

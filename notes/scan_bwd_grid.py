@@ -38,7 +38,7 @@ def with_grid(states=None, adjoint=None):
         if chosen is None:
             return RULE(u, programs, segments, carry)
         n_seg, maxnreg = chosen
-        seg_len, n_seg = kernels._segments(u, programs, n_seg, 1, carry)  # an explicit count is kept
+        seg_len, n_seg = kernels._segments(u, programs, n_seg, 1)  # an explicit count is kept
         return seg_len, n_seg, maxnreg
     kernels._bwd_grid = grid
 
