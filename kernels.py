@@ -750,10 +750,14 @@ def conv1d_bwd_triton(x, weight, bias, pos, dout, activation, *, BLOCK_L=None, B
 # is 3.5x the fp32 reference's own and d(delta bias)'s ~9x (3.5e-6 and 3.1e-6
 # relative, the bound 1.1-1.3e-5), about half of that at CHUNK 64, more with q and
 # k each keeping the C_t dy_t x_t they share (notes/perf.md).
-# dB and dC are sums over channels: each program writes its partial sum over its
-# BD channels (a reduce-scatter across lanes, _store_channel_sum) and torch sums
-# the partials (deterministic, no atomics); dA per (row, chunk), dD and d(delta
-# bias) per (row, segment) likewise.
+# dB and dC are sums over channels: each program sums its BD channels (a
+# reduce-scatter across lanes, _channel_sum) and adds that to the output with an
+# atomic add, so the order of the additions, and the last bits of dB and dC, vary
+# from run to run, as in Mamba's CUDA kernels; dA (each chunk's, after its two
+# parts), dD and d(delta bias) the same. Under torch.use_deterministic_algorithms
+# each program writes its partial sums instead, and torch sums them: the same bits
+# every time, for the sums' time (0.05-0.1 ms at 8 x 2048 tokens on an H200,
+# 4-5% of the backward; notes/perf.md v20).
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -1156,8 +1160,9 @@ def _lane_xor(x, m):
 
 
 @triton.jit
-def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, PERMUTED: tl.constexpr):
-    """Stores the state-shaped x (N, BD) summed over its BD channels at p[0:N] if token ok. tl.sum
+def _channel_sum(x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, PERMUTED: tl.constexpr):
+    """The state-shaped x (N, BD) summed over its BD channels, as (state, sum, mask) for _put: each thread's
+    sum, the state it is of and whether it is one to write (token ok, one thread per state). tl.sum
     would reduce each of the N rows across the lanes on its own (log2(BD) shuffles each). With the
     rows PERMUTED (row r of column j holds state r ^ (j >> (LOG2_BD - LOG2_N)), N < BD, powers of 2)
     a reduce-scatter halves the rows at each shuffle instead (N = 16, BD = 32: 16 shuffles, not 80):
@@ -1173,19 +1178,29 @@ def _store_channel_sum(p, x, ok, nm, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr
         SPREAD: tl.constexpr = LOG2_BD - LOG2_N
         for i in tl.static_range(SPREAD):  # sum the copies of each row, 2**SPREAD columns apart
             s = s + _lane_xor(s, 1 << i)
-        tl.store(p + (col >> SPREAD), s, mask=tl.where(ok, (col & ((1 << SPREAD) - 1)) == 0, False))
+        n, m = col >> SPREAD, tl.where(ok, (col & ((1 << SPREAD) - 1)) == 0, False)
     else:
-        tl.store(p + tl.arange(0, x.shape[0]), tl.sum(x, 1), mask=tl.where(ok, nm, False))
+        n, s, m = tl.arange(0, x.shape[0]), tl.sum(x, 1), tl.where(ok, nm, False)
+    return n, s, m
 
 
 @triton.jit
-def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p, dC_p,
+def _put(p, x, mask, ATOMIC: tl.constexpr):
+    """x stored at p, or added to what is there (relaxed: no order needed before the kernel ends)."""
+    if ATOMIC:
+        tl.atomic_add(p, x, mask=mask, sem="relaxed")
+    else:
+        tl.store(p, x, mask=mask)
+
+
+@triton.jit
+def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p,
                      Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's first pass, forward in time: the state h (N, BD) after it, and what needs h.
-    dz and dC; QA = sum over states of A2 q (BD,), q = C dy a h_{t-1} (N, BD) being the token's term in X
-    (see the notes above _softplus); and the chunk's dA term from q, dA_c += q P, P = the sum of dt over the
-    chunk up to t. Stores dt and dy for the passes after it."""
+    dz; QA = sum over states of A2 q (BD,), q = C dy a h_{t-1} (N, BD) being the token's term in X (see the notes
+    above _softplus); and the chunk's dA term from q, dA_c += q P, P = the sum of dt over the chunk up to t. Stores
+    dt and dy for the passes after it; returns dC's sum over the channels (_channel_sum) for the caller to store."""
     dt, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
     ah = a * h  # (N, BD)
     h = ah + x
@@ -1205,20 +1220,19 @@ def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias
     tl.store(dtt_p + t * Dm, dt, mask=m)
     tl.store(dyt_p + t * Dm, dy, mask=m)
     dA_c += qC * (dy * P)[None, :]
-    _store_channel_sum(dC_p + t * N, h * dy[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
-    return h, dA_c, P
+    return h, dA_c, P, _channel_sum(h * dy[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
 
 
 @triton.jit
 def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dt, Bt, Ct, dy, qa, p, ok, A2, sn, Dv,
-                       du_p, ddl_p, dB_p, Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
+                       du_p, ddl_p, Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
                        LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's second pass, back in time. gc = a_{t+1} g_{t+1} (N, BD) comes in, a_t g_t goes
     out. With K_t = X_{c1} - sum of k_s over the chunk's tokens s >= t: RX = sum over states of A2 K_{t+1}, plus
     the sum of QA over the chunk's tokens after t (BD,), comes in, the same for t goes out; Suf = the sum of dt
     over the chunk's tokens after t (BD,), T = over the whole chunk. dA_c gathers sum_t dt_t K_t as
     X_{c1} T - sum_s k_s (T - Suf_s), so K itself is never formed. dt and dy = dL/dy (BD,) come from the
-    first pass."""
+    first pass. Returns dB's sum over the channels (_channel_sum) last, for the caller to store."""
     dt = dt.to(tl.float32)
     a = _decay_dt(dt, p, A2)
     uf = u.to(tl.float32)
@@ -1240,15 +1254,21 @@ def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dt, Bt, Ct
     dbias_acc += tl.where(m, ddelta, 0.0)
     tl.store(du_p + t * Dm, du.to(du_p.dtype.element_ty), mask=m)
     tl.store(ddl_p + t * Dm, ddelta.to(ddl_p.dtype.element_ty), mask=m)
-    _store_channel_sum(dB_p + t * N, g * dtu[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
-    return a * g, RX, Suf, dA_c, dD_acc, dbias_acc
+    return a * g, RX, Suf, dA_c, dD_acc, dbias_acc, _channel_sum(g * dtu[None, :], ok, nm, LOG2_N, LOG2_BD, BC_LANES)
+
+
+@triton.jit
+def _part(pid_d, b, ATOMIC: tl.constexpr):
+    """Which (L, N) slice of the dB or dC buffer row b of channel block pid_d writes: with ATOMIC, the row's one
+    sum (B, L, N), every block adding to it; else its own partial sum (n_dblk, B, L, N), block outermost."""
+    return b if ATOMIC else pid_d * tl.num_programs(2) + b
 
 
 @triton.jit
 def _bwd_lanes(BD: tl.constexpr, N: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
                BC_LANES: tl.constexpr):
     """sn: the state each element of the backward's (N, BD) tiles holds. With BC_LANES (so N < BD) row r of
-    lane j holds state r ^ (j >> (LOG2_BD - LOG2_N)), which lets _store_channel_sum skip its selects."""
+    lane j holds state r ^ (j >> (LOG2_BD - LOG2_N)), which lets _channel_sum skip its selects."""
     sn = tl.arange(0, N)[:, None]
     if BC_LANES:
         sn = sn ^ (tl.arange(0, BD)[None, :] >> (LOG2_BD - LOG2_N))
@@ -1262,7 +1282,7 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
                             N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
                             HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
                             SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
-                            BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
+                            BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr, ATOMIC: tl.constexpr):
     """The backward's first pass: one segment of one row forward from the saved state entering it (no carry pass)."""
     pid_d = tl.program_id(0)
     c0 = tl.program_id(1) * (seg_len // CHUNK)
@@ -1281,7 +1301,7 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     row = b * L * Dm + d
     dout_p, dz_p, qa_p, dtt_p, dyt_p = dout_ptr + row, dz_ptr + row, qa_ptr + row, dtt_ptr + row, dyt_ptr + row
-    dC_p = dC_ptr + (pid_d * tl.num_programs(2) + b) * L * N  # partials (n_dblk, B, L, N)
+    dC_p = dC_ptr + _part(pid_d, b, ATOMIC) * L * N
     chunk_p = b * n_chunks * N * Dm + sn * Dm + d[None, :]  # + c N Dm: chunk c's (N, BD) in (B, n_chunks, N, Dm)
     h = tl.where(c0 > 0, tl.load(st_ptr + chunk_p + tl.maximum(c0 - 1, 0) * N * Dm, mask=dm[None, :], other=0.0),
                  0.0)
@@ -1297,43 +1317,50 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
         P = tl.zeros((BD,), tl.float32)
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
-            h, dA_c, P = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, p0, ok0, A2, sn, bias, Dv, dz_p,
-                                          qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
-                                          SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            h, dA_c, P, dC0 = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, p0, ok0, A2, sn, bias, Dv, dz_p,
+                                               qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
+                                               SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g0 = _load_row(dout_p, t + 4, L, Dm, dm, EVEN)
-            h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, p1, ok1, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
-                                          SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            h, dA_c, P, dC1 = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, p1, ok1, A2, sn, bias, Dv,
+                                               dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
+                                               SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g1 = _load_row(dout_p, t + 5, L, Dm, dm, EVEN)
-            h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, p2, ok2, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
-                                          SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            h, dA_c, P, dC2 = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, p2, ok2, A2, sn, bias, Dv,
+                                               dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
+                                               SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g2 = _load_row(dout_p, t + 6, L, Dm, dm, EVEN)
-            h, dA_c, P = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, p3, ok3, A2, sn, bias, Dv,
-                                          dz_p, qa_p, dtt_p, dyt_p, dC_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
-                                          SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            h, dA_c, P, dC3 = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, p3, ok3, A2, sn, bias, Dv,
+                                               dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
+                                               SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g3 = _load_row(dout_p, t + 7, L, Dm, dm, EVEN)
+            # dC's sums over channels of the group's tokens, stored or added after the loads ahead: ptxas keeps
+            # an atomic add ahead of the loads after it (a store it lets them pass), and an add per token left
+            # the loads too little time (H200, d_inner 4096: the adjoint pass 1.13 -> 1.39 ms; notes/perf.md v20)
+            _put(dC_p + t * N + dC0[0], dC0[1], dC0[2], ATOMIC)
+            _put(dC_p + (t + 1) * N + dC1[0], dC1[1], dC1[2], ATOMIC)
+            _put(dC_p + (t + 2) * N + dC2[0], dC2[1], dC2[2], ATOMIC)
+            _put(dC_p + (t + 3) * N + dC3[0], dC3[1], dC3[2], ATOMIC)
         tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
         tl.store(dt_ptr + (b * n_chunks + c) * Dm + d, P, mask=dm)  # the chunk's sum of dt, for the second pass
 
 
 @triton.jit
 def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, pos_ptr, st_ptr, dout_ptr,
-                             qa_ptr, cin_ptr, du_ptr, ddl_ptr, dB_ptr, dAc_ptr, dt_ptr, dD_ptr, dbias_ptr,
+                             qa_ptr, cin_ptr, du_ptr, ddl_ptr, dB_ptr, dAc_ptr, dA_ptr, dt_ptr, dD_ptr, dbias_ptr,
                              L, Dm, n_chunks, seg_len, n_seg,
                              s_ub, s_ul, s_db, s_dl, s_bb, s_bl, s_cb, s_cl, s_zb, s_zl, s_pb, s_pl,
                              N: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, HAS_D: tl.constexpr,
                              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
                              SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr,
-                             BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr):
+                             BC_LANES: tl.constexpr, EVEN: tl.constexpr, EVEN_D: tl.constexpr, ATOMIC: tl.constexpr):
     """The backward's second pass: one segment of one row back from the adjoint entering its end. Takes dt in
     delta's place and dL/dy in dout's (the first pass stored them; no z)."""
     pid_d = tl.program_id(0)
@@ -1354,7 +1381,7 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
     row = b * L * Dm + d
     dout_p, du_p, ddl_p, qa_p = dout_ptr + row, du_ptr + row, ddl_ptr + row, qa_ptr + row
-    dB_p = dB_ptr + (pid_d * tl.num_programs(2) + b) * L * N  # partials (n_dblk, B, L, N)
+    dB_p = dB_ptr + _part(pid_d, b, ATOMIC) * L * N
     chunk_p = b * n_chunks * N * Dm + sn * Dm + d[None, :]  # + c N Dm: chunk c's (N, BD) in (B, n_chunks, N, Dm)
     # a_{t+1} g_{t+1}: the adjoint flowing back into token t; at first, what the later segments send
     gc = tl.load(cin_ptr + bs * N * Dm + sn * Dm + d[None, :], mask=tl.where(n_seg > 1, dm, False)[None, :],
@@ -1382,34 +1409,44 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
         for kk in range(0, CHUNK, GROUP):
             t = c * CHUNK + CHUNK - 1 - kk
             tp = tl.maximum(t - GROUP, GROUP - 1)  # the group before (a harmless re-load at the row's start)
-            gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+            gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB0 = _bwd_adjoint_token(
                 gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u0, dl0, B0, C0, g0, q0, p0, ok0, A2, sn, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
             g0, q0 = _load_row(dout_p, tp, L, Dm, dm, EVEN), _load_row(qa_p, tp, L, Dm, dm, EVEN)
-            gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+            gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB1 = _bwd_adjoint_token(
                 gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 1, u1, dl1, B1, C1, g1, q1, p1, ok1, A2, sn, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g1, q1 = _load_row(dout_p, tp - 1, L, Dm, dm, EVEN), _load_row(qa_p, tp - 1, L, Dm, dm, EVEN)
-            gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+            gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB2 = _bwd_adjoint_token(
                 gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 2, u2, dl2, B2, C2, g2, q2, p2, ok2, A2, sn, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g2, q2 = _load_row(dout_p, tp - 2, L, Dm, dm, EVEN), _load_row(qa_p, tp - 2, L, Dm, dm, EVEN)
-            gc, RX, Suf, dA_c, dD_acc, dbias_acc = _bwd_adjoint_token(
+            gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB3 = _bwd_adjoint_token(
                 gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 3, u3, dl3, B3, C3, g3, q3, p3, ok3, A2, sn, Dv,
-                du_p, ddl_p, dB_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g3, q3 = _load_row(dout_p, tp - 3, L, Dm, dm, EVEN), _load_row(qa_p, tp - 3, L, Dm, dm, EVEN)
-        tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
+            # dB's sums over channels of the group's tokens, after the loads ahead (as in the states pass)
+            _put(dB_p + t * N + dB0[0], dB0[1], dB0[2], ATOMIC)
+            _put(dB_p + (t - 1) * N + dB1[0], dB1[1], dB1[2], ATOMIC)
+            _put(dB_p + (t - 2) * N + dB2[0], dB2[1], dB2[2], ATOMIC)
+            _put(dB_p + (t - 3) * N + dB3[0], dB3[1], dB3[2], ATOMIC)
+        # the chunk's dA: with ATOMIC added to dA (Dm, N), A's layout; else over the first pass's part, for torch
+        if ATOMIC:
+            tl.atomic_add(dA_ptr + d[None, :] * N + sn, dA_c, mask=dm[None, :], sem="relaxed")
+        else:
+            tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
+    sums = 0 if ATOMIC else bs * Dm  # dD and d(delta bias): the (Dm,) sums, else this row and segment's part
     if HAS_D:
-        tl.store(dD_ptr + bs * Dm + d, dD_acc, mask=dm)
+        _put(dD_ptr + sums + d, dD_acc, dm, ATOMIC)
     if HAS_BIAS:
-        tl.store(dbias_ptr + bs * Dm + d, dbias_acc, mask=dm)
+        _put(dbias_ptr + sums + d, dbias_acc, dm, ATOMIC)
 
 
 # BD channels per program, num_warps, and whether B and C travel one element per lane (BC_LANES,
@@ -1602,17 +1639,20 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     # dt and dL/dy of every token: the first pass writes them, the carry pass and the second read them instead of
     # forming their own (softplus, gate)
     dt_tok, dy_tok = torch.empty(Bb, L, Dm, **f32), torch.empty(Bb, L, Dm, **f32)
-    dA = torch.empty(Bb, n_chunks, N, Dm, **f32)  # partial sums of each (row, chunk), both passes adding
+    dA = torch.empty(Bb, n_chunks, N, Dm, **f32)  # each (row, chunk)'s part from the first pass; the second adds to it
     dts = torch.empty(Bb, n_chunks, Dm, **f32)  # each chunk's sum of dt: the first pass writes it, the second reads it
-    # partial sums of each channel block, block outermost: torch sums them in one coalesced sweep, dB's and dC's
-    # in one (twice the columns at once as two sums, which it reads closer to the copy bandwidth)
-    dBC = torch.empty(2, n_dblk, Bb, L, N, **f32)
+    # dB and dC: every channel block adds its sums over channels to one fp32 buffer, in whatever order the programs
+    # run. Where torch.use_deterministic_algorithms asks for the same bits every time, each writes its partial sums
+    # instead, which torch sums (block outermost, in one coalesced sweep, dB's and dC's together; on an H200 that
+    # sum alone took 0.050 / 0.087 ms at d_inner 1536 / 4096, notes/perf.md v20).
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    dBC = (torch.zeros if atomic else torch.empty)(2, 1 if atomic else n_dblk, Bb, L, N, **f32)
     dB_parts, dC_parts = dBC
     tensors, strides, flags = _scan_args(u, delta, A, B, C, D, z, delta_bias, pos)
     even_d = Dm % BD == 0  # blocks of whole channels: no channel masks
     consts = dict(N=N, BD=BD, CHUNK=CHUNK, SOFTPLUS=delta_softplus, BC_LANES=bc_lanes, num_warps=num_warps,
                   LOG2_N=N.bit_length() - 1, LOG2_BD=BD.bit_length() - 1,  # tl.arange: powers of 2
-                  EVEN_D=even_d, **flags)
+                  EVEN_D=even_d, ATOMIC=atomic, **flags)
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=False)
     _scan_bwd_states_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dout, qa, dt_tok, dy_tok, dz, dC_parts, dA, dts,
                                                  L, Dm, n_chunks, seg_len, *strides, maxnreg=maxnreg, **consts)
@@ -1620,17 +1660,22 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     tensors, strides, flags = _scan_args(u, dt_tok, tensors[2].t(), B, C, D, None, delta_bias, pos)
     consts.update(flags)
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
-    dD = torch.empty(Bb * n_seg, Dm, **f32)  # partial sums of each (row, segment)
-    dbias = torch.empty(Bb * n_seg, Dm, **f32)
+    if atomic:  # dA (in A's layout), dD and d(delta bias) summed in place too
+        dA_sum, dD, dbias = torch.zeros(Dm, N, **f32), torch.zeros(Dm, **f32), torch.zeros(Dm, **f32)
+    else:  # dA summed from dA's partials by torch; dD and d(delta bias) from partial sums of each (row, segment)
+        dA_sum, dD, dbias = dA, torch.empty(Bb * n_seg, Dm, **f32), torch.empty(Bb * n_seg, Dm, **f32)
     cin = _carries(tensors, strides, dict(flags, EVEN_D=even_d), dy_tok, seg_len, n_seg, BD, num_warps, bc_lanes,
                    delta_softplus, True)
-    _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dy_tok, qa, cin, du, ddelta, dB_parts, dA, dts,
-                                                  dD, dbias, L, Dm, n_chunks, seg_len, n_seg, *strides, maxnreg=maxnreg,
-                                                  **consts)
-    dB, dC = dBC.sum(1)  # views of one tensor: each output its own copy (a custom op's outputs may not alias)
-    return [du, ddelta, dA.sum((0, 1)).t().contiguous().to(A.dtype), dB.to(B.dtype, copy=True),
-            dC.to(C.dtype, copy=True), dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
-            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None]
+    _scan_bwd_adjoint_kernel[(n_dblk, n_seg, Bb)](*tensors, states, dy_tok, qa, cin, du, ddelta, dB_parts, dA, dA_sum,
+                                                  dts, dD, dbias, L, Dm, n_chunks, seg_len, n_seg, *strides,
+                                                  maxnreg=maxnreg, **consts)
+    dB, dC = dBC[:, 0] if atomic else dBC.sum(1)  # views of one tensor: each output its own copy (a custom op's
+    # outputs may not alias)
+    if not atomic:
+        dA_sum, dD, dbias = dA.sum((0, 1)).t().contiguous(), dD.sum(0), dbias.sum(0)
+    return [du, ddelta, dA_sum.to(A.dtype), dB.to(B.dtype, copy=True), dC.to(C.dtype, copy=True),
+            dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None]
 
 
 # -----------------------------------------------------------------------------

@@ -673,6 +673,21 @@ def test_scan_triton_carry_pieces(segments, bc_lanes, small_chunks):
     check_scan_triton(6 * kernels.CHUNK, [[5, 2, 17, 9, 2, 13], [48]], segments, bc_lanes)
 
 
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test."""
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_scan_triton_deterministic_sums(small_chunks, deterministic):
+    """With torch.use_deterministic_algorithms the backward writes each channel block's partial sums of dB, dC, dA,
+    dD and d(delta bias) for torch to sum (elsewhere it adds them in place): the same checks as above, on that
+    path."""
+    check_scan_triton(6 * kernels.CHUNK, [[5, 2, 17, 9, 2, 13], [48]], 3, True)
+
+
 def test_scan_triton_optional_inputs(small_chunks):
     """No D, no z, no delta bias, no softplus; blocks of 2 channels (fewer than the states: dB and dC
     summed by tl.sum, not the reduce-scatter) and two segments."""
@@ -899,6 +914,27 @@ def test_scan_real_size(dtype, Dm):
     got_g = kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, delta_softplus=True)
     for name, gg, w, o in zip(SCAN_GRADS, got_g, want_g, own_g):
         assert rel(gg, w) <= 3 * rel(o.to(gg.dtype), w) + 1e-5, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scan_deterministic_cuda():
+    """The backward's gradients bit for bit the same in two runs under torch.use_deterministic_algorithms (partial
+    sums), and within bf16 rounding of the default's (sums added in place, in the order the programs run)."""
+    Bb, L, Dm = 2, 2048, 1536
+    x = scan_inputs(Bb, L, Dm, 16, torch.bfloat16, "cuda")
+    pos = d1_pos(Bb, L).cuda()
+    _, states = kernels.scan_fwd_triton(**x, pos=pos, delta_softplus=True)
+    dout = torch.randn(Bb, L, Dm, device="cuda").to(torch.bfloat16)
+    run = lambda: kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, delta_softplus=True)
+    fast = run()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, f, a, b in zip(SCAN_GRADS, fast, first, second):
+        assert torch.equal(a, b), name
+        assert rel(f, a) < 1e-2, name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -39,7 +39,8 @@ def compile_kernel(module, which, reverse, maxnreg=None):
     bc_lanes = backward  # as SCAN_*_CONFIG choose at d_state 16
     # EVEN_D: the backward's launcher drops the channel masks at d_inner a multiple of 32, the forward's does not
     consts = dict(N=16, BD=32, CHUNK=module.CHUNK, LOG2_N=4, LOG2_BD=5, HAS_D=True, HAS_Z=True, EVEN=True,
-                  EVEN_D=backward, HAS_BIAS=True, HAS_POS=True, SOFTPLUS=True, BC_LANES=bc_lanes)
+                  EVEN_D=backward, HAS_BIAS=True, HAS_POS=True, SOFTPLUS=True, BC_LANES=bc_lanes,
+                  ATOMIC=True)  # dB and dC added up in place (no torch.use_deterministic_algorithms)
     if tiles:
         consts["T"] = tiles["T"]
     # after the states pass, the backward reads dt and dL/dy (fp32) in delta's and dout's place
