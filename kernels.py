@@ -1194,6 +1194,16 @@ def _put(p, x, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def _put_group(p, ts, sums, N: tl.constexpr, ATOMIC: tl.constexpr):
+    """_put of a group's 4 sums over channels (_channel_sum: state, sum, mask) of its tokens ts into p's (L, N).
+    The walks call it after the group's loads ahead: ptxas keeps an atomic add ahead of the loads after it (a store
+    it lets them pass), and an add per token left the loads too little time (H200, d_inner 4096: the adjoint pass
+    1.13 -> 1.39 ms; notes/perf.md v20)."""
+    for i in tl.static_range(4):
+        _put(p + ts[i] * N + sums[i][0], sums[i][1], sums[i][2], ATOMIC)
+
+
+@triton.jit
 def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p,
                      Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
@@ -1341,13 +1351,7 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g3 = _load_row(dout_p, t + 7, L, Dm, dm, EVEN)
-            # dC's sums over channels of the group's tokens, stored or added after the loads ahead: ptxas keeps
-            # an atomic add ahead of the loads after it (a store it lets them pass), and an add per token left
-            # the loads too little time (H200, d_inner 4096: the adjoint pass 1.13 -> 1.39 ms; notes/perf.md v20)
-            _put(dC_p + t * N + dC0[0], dC0[1], dC0[2], ATOMIC)
-            _put(dC_p + (t + 1) * N + dC1[0], dC1[1], dC1[2], ATOMIC)
-            _put(dC_p + (t + 2) * N + dC2[0], dC2[1], dC2[2], ATOMIC)
-            _put(dC_p + (t + 3) * N + dC3[0], dC3[1], dC3[2], ATOMIC)
+            _put_group(dC_p, (t, t + 1, t + 2, t + 3), (dC0, dC1, dC2, dC3), N, ATOMIC)  # after the loads
         tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
         tl.store(dt_ptr + (b * n_chunks + c) * Dm + d, P, mask=dm)  # the chunk's sum of dt, for the second pass
 
@@ -1432,11 +1436,7 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
                                                        HAS_Z, HAS_POS, BC_LANES, EVEN)
             g3, q3 = _load_row(dout_p, tp - 3, L, Dm, dm, EVEN), _load_row(qa_p, tp - 3, L, Dm, dm, EVEN)
-            # dB's sums over channels of the group's tokens, after the loads ahead (as in the states pass)
-            _put(dB_p + t * N + dB0[0], dB0[1], dB0[2], ATOMIC)
-            _put(dB_p + (t - 1) * N + dB1[0], dB1[1], dB1[2], ATOMIC)
-            _put(dB_p + (t - 2) * N + dB2[0], dB2[1], dB2[2], ATOMIC)
-            _put(dB_p + (t - 3) * N + dB3[0], dB3[1], dB3[2], ATOMIC)
+            _put_group(dB_p, (t, t - 1, t - 2, t - 3), (dB0, dB1, dB2, dB3), N, ATOMIC)  # after the loads
         # the chunk's dA: with ATOMIC added to dA (Dm, N), A's layout; else over the first pass's part, for torch
         if ATOMIC:
             tl.atomic_add(dA_ptr + d[None, :] * N + sn, dA_c, mask=dm[None, :], sem="relaxed")
@@ -1662,7 +1662,8 @@ def scan_bwd_triton(dout, u, delta, A, B, C, D, z, delta_bias, pos, states, delt
     seg_len, n_seg, maxnreg = _bwd_grid(u, n_dblk * Bb, segments, carry=True)
     if atomic:  # dA (in A's layout), dD and d(delta bias) summed in place too
         dA_sum, dD, dbias = torch.zeros(Dm, N, **f32), torch.zeros(Dm, **f32), torch.zeros(Dm, **f32)
-    else:  # dA summed from dA's partials by torch; dD and d(delta bias) from partial sums of each (row, segment)
+    else:  # partial sums for torch: dA's chunks in dA itself (dA_sum read by no program), dD's and d(delta bias)'s
+        # of each (row, segment)
         dA_sum, dD, dbias = dA, torch.empty(Bb * n_seg, Dm, **f32), torch.empty(Bb * n_seg, Dm, **f32)
     cin = _carries(tensors, strides, dict(flags, EVEN_D=even_d), dy_tok, seg_len, n_seg, BD, num_warps, bc_lanes,
                    delta_softplus, True)

@@ -675,10 +675,11 @@ def test_scan_triton_carry_pieces(segments, bc_lanes, small_chunks):
 
 @pytest.fixture
 def deterministic():
-    """torch.use_deterministic_algorithms(True) for one test."""
+    """torch.use_deterministic_algorithms(True) for one test, then the setting as it was."""
+    before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(before)
 
 
 def test_scan_triton_deterministic_sums(small_chunks, deterministic):
@@ -927,11 +928,12 @@ def test_scan_deterministic_cuda():
     dout = torch.randn(Bb, L, Dm, device="cuda").to(torch.bfloat16)
     run = lambda: kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, delta_softplus=True)
     fast = run()
+    before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         first, second = run(), run()
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(before)
     for name, f, a, b in zip(SCAN_GRADS, fast, first, second):
         assert torch.equal(a, b), name
         assert rel(f, a) < 1e-2, name
