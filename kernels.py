@@ -812,11 +812,45 @@ def _in_channels(d, Dm, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl, s_cl, s_zl, s_pl,
-                HAS_Z: tl.constexpr, HAS_POS: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr):
+def _chunk_starts(pos_p, t0, L, s_pl, CHUNK: tl.constexpr, HAS_POS: tl.constexpr):
+    """Which of the CHUNK (at most 128) tokens from t0 start a document (pos 0), as the bits of two int64: bit i
+    of the first for token t0 + i, of the second for token t0 + 64 + i (0 past the chunk's or the row's end,
+    and without pos). The walks take each token's flag from these (_group_starts, _is_start), one load of pos
+    per chunk: loaded per token, ptxas compared each pos with 0 right after its load, where the loop then waited
+    for it (H200, d_inner 4096: boundaries cost the backward's passes 5%; notes/perf.md v21)."""
+    starts = (0, 0)
+    if HAS_POS:
+        i = tl.arange(0, 64)
+        bit = tl.full((64,), 1, tl.int64) << i.to(tl.int64)
+        p0 = tl.load(pos_p + (t0 + i) * s_pl, mask=(i < CHUNK) & (t0 + i < L), other=1)
+        p1 = tl.load(pos_p + (t0 + 64 + i) * s_pl, mask=(64 + i < CHUNK) & (t0 + 64 + i < L), other=1)
+        starts = (tl.sum(tl.where(p0 == 0, bit, 0), 0), tl.sum(tl.where(p1 == 0, bit, 0), 0))
+    return starts
+
+
+@triton.jit
+def _group_starts(starts, o, HAS_POS: tl.constexpr):
+    """The document-start bits (_chunk_starts) of the tokens from offset o in their chunk (a group: o a multiple
+    of its size, 4 or 8, so all in one int64), token o + i at bit i (int32; 0 without pos)."""
+    bits = 0
+    if HAS_POS:
+        bits = (tl.where(o < 64, starts[0], starts[1]) >> (o % 64)).to(tl.int32)
+    return bits
+
+
+@triton.jit
+def _is_start(bits, i):
+    """Token i of a group starts a document (bits: _group_starts)."""
+    return ((bits >> i) & 1) != 0
+
+
+@triton.jit
+def _load_token(u_p, dl_p, B_p, C_p, z_p, t, L, dm, nm, s_ul, s_dl, s_bl, s_cl, s_zl,
+                HAS_Z: tl.constexpr, BC_LANES: tl.constexpr, EVEN: tl.constexpr):
     """Inputs of token t: u, delta, z (BD,), B, C (N,) (with BC_LANES both in one (BD,): lane j holds
-    B[j] for j < N and C[j - N] for N <= j < 2N, B_p and s_bl being the lanes' from _bc_lanes), pos and
-    t < L (scalars, see _in_row); zeros past the row's end. B and C are read through _col."""
+    B[j] for j < N and C[j - N] for N <= j < 2N, B_p and s_bl being the lanes' from _bc_lanes) and
+    t < L (a scalar, see _in_row); zeros past the row's end. B and C are read through _col. Not pos: the
+    walks take whether a token starts a document from _chunk_starts."""
     t, ok = _in_row(t, L, EVEN)
     m = tl.where(ok, dm, False)  # (BD,); `dm & ok` breaks the interpreter (scalar ok)
     u = tl.load(u_p + t * s_ul, mask=m, other=0.0)
@@ -830,8 +864,7 @@ def _load_token(u_p, dl_p, B_p, C_p, z_p, pos_p, t, L, dm, nm, s_ul, s_dl, s_bl,
         Bt = tl.load(B_p + t * s_bl + tl.arange(0, N), mask=tl.where(ok, nm, False), other=0.0)
         Ct = tl.load(C_p + t * s_cl + tl.arange(0, N), mask=tl.where(ok, nm, False), other=0.0)
     zz = tl.load(z_p + t * s_zl, mask=m, other=0.0) if HAS_Z else u
-    p = tl.load(pos_p + t * s_pl, mask=ok, other=1) if HAS_POS else 1
-    return u, dl, Bt, Ct, zz, p, ok
+    return u, dl, Bt, Ct, zz, ok
 
 
 @triton.jit
@@ -870,15 +903,15 @@ def _col(x, IS_C: tl.constexpr, sn, BC_LANES: tl.constexpr):
 
 
 @triton.jit
-def _decay_dt(dt, p, A2):
-    """The decay a = exp(dt A) (N, BD) of a token's dt (BD,), 0 at a document start."""
+def _decay_dt(dt, start, A2):
+    """The decay a = exp(dt A) (N, BD) of a token's dt (BD,), 0 at a document start (start true)."""
     # at a document start the exponent gets -inf (one FMA per state, where a select after the exp2
     # would cost one more instruction per state): exp2(-inf) = 0
-    return tl.exp2(dt[None, :] * A2 + tl.where(p == 0, float("-inf"), 0.0))
+    return tl.exp2(dt[None, :] * A2 + tl.where(start, float("-inf"), 0.0))
 
 
 @triton.jit
-def _decay(dl, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _decay(dl, start, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """One token's dt (BD,) from its delta and decay a (N, BD; see _decay_dt). Tokens past the row's end are
     identities (dt = 0, a = 1)."""
     dt = dl.to(tl.float32)
@@ -887,14 +920,14 @@ def _decay(dl, p, ok, bias, A2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     if SOFTPLUS:
         dt = _softplus(dt)
     dt = tl.where(ok, dt, 0.0)
-    return dt, _decay_dt(dt, p, A2)
+    return dt, _decay_dt(dt, start, A2)
 
 
 @triton.jit
-def _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+def _decay_input(dl, u, Bt, start, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                  BC_LANES: tl.constexpr):
     """_decay, plus the token's input x = dt u B (N, BD; 0 past the row's end)."""
-    dt, a = _decay(dl, p, ok, bias, A2, HAS_BIAS, SOFTPLUS)
+    dt, a = _decay(dl, start, ok, bias, A2, HAS_BIAS, SOFTPLUS)
     x = (dt * u.to(tl.float32))[None, :] * _col(Bt, False, sn, BC_LANES)
     return dt, a, x
 
@@ -920,11 +953,13 @@ def _first_start(pos_p, lo, hi, s_pl, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _carry_token(c, sdt, cut, u, dl, Bt, p, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                 BC_LANES: tl.constexpr):
-    """One token of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag."""
-    dt, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-    return a * c + x, sdt + dt, tl.where(p == 0, 1, cut)
+def _carry_token(c, sdt, cut, t, last, u, dl, Bt, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+                 SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
+    """Token t of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag (t == last, the
+    walk's one document start)."""
+    start = (t == last) if HAS_POS else False
+    dt, a, x = _decay_input(dl, u, Bt, start, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+    return a * c + x, sdt + dt, tl.where(start, 1, cut)
 
 
 @triton.jit
@@ -950,12 +985,14 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
     # before the document start, which zeroes them
     w0 = s * piece_len
     w1 = w0 + piece_len
+    last = -1
     if HAS_POS:
-        # the last document start from the piece to its segment's end, the piece's own tokens included (w0 if
-        # none): pos being each token's offset in its document, one load at the segment's last token tells it
+        # the last document start up to the segment's end: pos being each token's offset in its document, one
+        # load at the segment's last token tells it. The walk's only start, if it is in the piece: a start
+        # before it in the walk's first group would be zeroed by it anyway
         hi = tl.minimum((s // sub + 1) * sub * piece_len, L)
-        start = tl.maximum(hi - 1 - tl.load(pos_ptr + b * s_pb + (hi - 1) * s_pl), w0)
-        w0 = tl.maximum(w0, w1 - tl.cdiv(tl.maximum(w1 - start, 0), GROUP) * GROUP)
+        last = hi - 1 - tl.load(pos_ptr + b * s_pb + (hi - 1) * s_pl)
+        w0 = tl.maximum(w0, w1 - tl.cdiv(tl.maximum(w1 - last, 0), GROUP) * GROUP)
     d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
     dm = _in_channels(d, Dm, EVEN_D)
     n = tl.arange(0, N)
@@ -966,25 +1003,29 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
     B_p, C_p = B_ptr + b * s_bb, C_ptr + b * s_cb
     B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
     # no z: HAS_Z False in each _load_token below, z_p a placeholder it does not load
-    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, u_ptr, pos_ptr + b * s_pb)
-    strides = (s_ul, s_dl, s_bl, s_cl, 0, s_pl)
+    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, u_ptr)
+    strides = (s_ul, s_dl, s_bl, s_cl, 0)
     c = tl.zeros((N, BD), tl.float32)
     sdt = tl.zeros((BD,), tl.float32)  # sum of dt over the piece: P = exp(A sdt) unless a document starts
     cut = 0  # 1 once a document starts inside the piece
     # unrolled by GROUP, each token's inputs re-loaded GROUP tokens ahead as soon as used
-    u0, dl0, B0, _, _, p0, ok0 = _load_token(*args, w0, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-    u1, dl1, B1, _, _, p1, ok1 = _load_token(*args, w0 + 1, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-    u2, dl2, B2, _, _, p2, ok2 = _load_token(*args, w0 + 2, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-    u3, dl3, B3, _, _, p3, ok3 = _load_token(*args, w0 + 3, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+    u0, dl0, B0, _, _, ok0 = _load_token(*args, w0, L, dm, nm, *strides, False, BC_LANES, EVEN)
+    u1, dl1, B1, _, _, ok1 = _load_token(*args, w0 + 1, L, dm, nm, *strides, False, BC_LANES, EVEN)
+    u2, dl2, B2, _, _, ok2 = _load_token(*args, w0 + 2, L, dm, nm, *strides, False, BC_LANES, EVEN)
+    u3, dl3, B3, _, _, ok3 = _load_token(*args, w0 + 3, L, dm, nm, *strides, False, BC_LANES, EVEN)
     for t in range(w0, w1, GROUP):
-        c, sdt, cut = _carry_token(c, sdt, cut, u0, dl0, B0, p0, ok0, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-        u0, dl0, B0, _, _, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-        c, sdt, cut = _carry_token(c, sdt, cut, u1, dl1, B1, p1, ok1, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-        u1, dl1, B1, _, _, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-        c, sdt, cut = _carry_token(c, sdt, cut, u2, dl2, B2, p2, ok2, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-        u2, dl2, B2, _, _, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
-        c, sdt, cut = _carry_token(c, sdt, cut, u3, dl3, B3, p3, ok3, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-        u3, dl3, B3, _, _, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, HAS_POS, BC_LANES, EVEN)
+        c, sdt, cut = _carry_token(c, sdt, cut, t, last, u0, dl0, B0, ok0, bias, A2, sn, HAS_BIAS, HAS_POS,
+                                   SOFTPLUS, BC_LANES)
+        u0, dl0, B0, _, _, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, BC_LANES, EVEN)
+        c, sdt, cut = _carry_token(c, sdt, cut, t + 1, last, u1, dl1, B1, ok1, bias, A2, sn, HAS_BIAS, HAS_POS,
+                                   SOFTPLUS, BC_LANES)
+        u1, dl1, B1, _, _, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, BC_LANES, EVEN)
+        c, sdt, cut = _carry_token(c, sdt, cut, t + 2, last, u2, dl2, B2, ok2, bias, A2, sn, HAS_BIAS, HAS_POS,
+                                   SOFTPLUS, BC_LANES)
+        u2, dl2, B2, _, _, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, BC_LANES, EVEN)
+        c, sdt, cut = _carry_token(c, sdt, cut, t + 3, last, u3, dl3, B3, ok3, bias, A2, sn, HAS_BIAS, HAS_POS,
+                                   SOFTPLUS, BC_LANES)
+        u3, dl3, B3, _, _, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, BC_LANES, EVEN)
     tl.store(loc_ptr + (b * n_c + s) * N * Dm + sn * Dm + d[None, :], c, mask=dm[None, :])
     tl.store(S_ptr + (b * n_c + s) * Dm + d, tl.where(cut != 0, float("inf"), sdt), mask=dm)
 
@@ -1073,12 +1114,12 @@ def _scan_combine_kernel(loc_ptr, S_ptr, At_ptr, cin_ptr, n_c, sub, n_seg, M, Dm
 
 
 @triton.jit
-def _fwd_token(h, t, slot, A2, sn, bias, Dv, out_p, Dm, dm, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+def _fwd_token(h, t, slot, start, A2, sn, bias, Dv, out_p, Dm, dm, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
-    """Token t of the forward, its inputs in slot (a tuple from _load_token): the state h (N, BD) after it;
-    stores its output."""
-    u, dl, Bt, Ct, zz, p, ok = slot
-    dt, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+    """Token t of the forward, its inputs in slot (a tuple from _load_token), start whether it starts a document:
+    the state h (N, BD) after it; stores its output."""
+    u, dl, Bt, Ct, zz, ok = slot
+    dt, a, x = _decay_input(dl, u, Bt, start, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
     h = a * h + x  # (N, BD)
     y = tl.sum(h * _col(Ct, True, sn, BC_LANES), 0)  # (BD,)
     uf = u.to(tl.float32)
@@ -1113,42 +1154,44 @@ def _scan_fwd_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr
     B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
     out_p = out_ptr + b * L * Dm + d
     st_p = st_ptr + b * n_chunks * N * Dm + sn * Dm + d[None, :]
-    args = (u_p, dl_p, B_p, C_p, z_p, pos_p)
-    strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
+    args = (u_p, dl_p, B_p, C_p, z_p)
+    strides = (s_ul, s_dl, s_bl, s_cl, s_zl)
     seg_p = (b * n_seg + s) * N * Dm + sn * Dm + d[None, :]
     h = tl.load(cin_ptr + seg_p, mask=tl.where(n_seg > 1, dm, False)[None, :], other=0.0)  # the state entering
     t0 = c0 * CHUNK
     # slot i: the inputs of the next token t with t % FWD_AHEAD == i (a tuple from _load_token)
-    s0 = _load_token(*args, t0, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    s1 = _load_token(*args, t0 + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    s2 = _load_token(*args, t0 + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    s3 = _load_token(*args, t0 + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    s4 = _load_token(*args, t0 + 4, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    s5 = _load_token(*args, t0 + 5, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    s6 = _load_token(*args, t0 + 6, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    s7 = _load_token(*args, t0 + 7, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    s0 = _load_token(*args, t0, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    s1 = _load_token(*args, t0 + 1, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    s2 = _load_token(*args, t0 + 2, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    s3 = _load_token(*args, t0 + 3, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    s4 = _load_token(*args, t0 + 4, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    s5 = _load_token(*args, t0 + 5, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    s6 = _load_token(*args, t0 + 6, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    s7 = _load_token(*args, t0 + 7, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
     consts = (A2, sn, bias, Dv, out_p, Dm, dm)
     for c in range(c0, c1):
+        starts = _chunk_starts(pos_p, c * CHUNK, L, s_pl, CHUNK, HAS_POS)
         # unrolled by FWD_AHEAD = 8 with no branch inside, so the compiler can interleave the tokens; each
         # slot is re-loaded FWD_AHEAD tokens ahead as soon as it is consumed
         for k in range(0, CHUNK, FWD_AHEAD):
             t = c * CHUNK + k
-            h = _fwd_token(h, t, s0, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            s0 = _load_token(*args, t + 8, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 1, s1, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            s1 = _load_token(*args, t + 9, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 2, s2, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            s2 = _load_token(*args, t + 10, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 3, s3, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            s3 = _load_token(*args, t + 11, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 4, s4, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            s4 = _load_token(*args, t + 12, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 5, s5, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            s5 = _load_token(*args, t + 13, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 6, s6, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            s6 = _load_token(*args, t + 14, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-            h = _fwd_token(h, t + 7, s7, *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
-            s7 = _load_token(*args, t + 15, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            st = _group_starts(starts, k, HAS_POS)
+            h = _fwd_token(h, t, s0, _is_start(st, 0), *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s0 = _load_token(*args, t + 8, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 1, s1, _is_start(st, 1), *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s1 = _load_token(*args, t + 9, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 2, s2, _is_start(st, 2), *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s2 = _load_token(*args, t + 10, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 3, s3, _is_start(st, 3), *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s3 = _load_token(*args, t + 11, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 4, s4, _is_start(st, 4), *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s4 = _load_token(*args, t + 12, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 5, s5, _is_start(st, 5), *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s5 = _load_token(*args, t + 13, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 6, s6, _is_start(st, 6), *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s6 = _load_token(*args, t + 14, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+            h = _fwd_token(h, t + 7, s7, _is_start(st, 7), *consts, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BC_LANES)
+            s7 = _load_token(*args, t + 15, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
         tl.store(st_p + c * N * Dm, h, mask=dm[None, :])  # tokens past L were identities: h is h_{L-1}
 
 
@@ -1204,14 +1247,14 @@ def _put_group(p, ts, sums, N: tl.constexpr, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p,
+def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, start, ok, A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p,
                      Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's first pass, forward in time: the state h (N, BD) after it, and what needs h.
     dz; QA = sum over states of A2 q (BD,), q = C dy a h_{t-1} (N, BD) being the token's term in X (see the notes
     above _softplus); and the chunk's dA term from q, dA_c += q P, P = the sum of dt over the chunk up to t. Stores
     dt and dy for the passes after it; returns dC's sum over the channels (_channel_sum) for the caller to store."""
-    dt, a, x = _decay_input(dl, u, Bt, p, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
+    dt, a, x = _decay_input(dl, u, Bt, start, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
     ah = a * h  # (N, BD)
     h = ah + x
     P += dt
@@ -1234,7 +1277,7 @@ def _bwd_state_token(h, dA_c, P, t, u, dl, Bt, Ct, zz, dout, p, ok, A2, sn, bias
 
 
 @triton.jit
-def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dt, Bt, Ct, dy, qa, p, ok, A2, sn, Dv,
+def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dt, Bt, Ct, dy, qa, start, ok, A2, sn, Dv,
                        du_p, ddl_p, Dm, dm, nm, N: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
                        LOG2_N: tl.constexpr, LOG2_BD: tl.constexpr, BC_LANES: tl.constexpr):
     """Token t of the backward's second pass, back in time. gc = a_{t+1} g_{t+1} (N, BD) comes in, a_t g_t goes
@@ -1244,7 +1287,7 @@ def _bwd_adjoint_token(gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u, dt, Bt, Ct
     X_{c1} T - sum_s k_s (T - Suf_s), so K itself is never formed. dt and dy = dL/dy (BD,) come from the
     first pass. Returns dB's sum over the channels (_channel_sum) last, for the caller to store."""
     dt = dt.to(tl.float32)
-    a = _decay_dt(dt, p, A2)
+    a = _decay_dt(dt, start, A2)
     uf = u.to(tl.float32)
     g = gc + _col(Ct, True, sn, BC_LANES) * dy[None, :]  # (N, BD): dL/dh_t
     Bf = _col(Bt, False, sn, BC_LANES)
@@ -1307,8 +1350,9 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     B_p, C_p = B_ptr + b * s_bb, C_ptr + b * s_cb
     B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
-    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
-    strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
+    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, z_ptr + b * s_zb + d)
+    strides = (s_ul, s_dl, s_bl, s_cl, s_zl)
+    pos_p = pos_ptr + b * s_pb
     row = b * L * Dm + d
     dout_p, dz_p, qa_p, dtt_p, dyt_p = dout_ptr + row, dz_ptr + row, qa_ptr + row, dtt_ptr + row, dyt_ptr + row
     dC_p = dC_ptr + _part(pid_d, b, ATOMIC) * L * N
@@ -1316,40 +1360,42 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     h = tl.where(c0 > 0, tl.load(st_ptr + chunk_p + tl.maximum(c0 - 1, 0) * N * Dm, mask=dm[None, :], other=0.0),
                  0.0)
     t = c0 * CHUNK
-    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    u0, dl0, B0, C0, z0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    u1, dl1, B1, C1, z1, ok1 = _load_token(*args, t + 1, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    u2, dl2, B2, C2, z2, ok2 = _load_token(*args, t + 2, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    u3, dl3, B3, C3, z3, ok3 = _load_token(*args, t + 3, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
     g0, g1 = _load_row(dout_p, t, L, Dm, dm, EVEN), _load_row(dout_p, t + 1, L, Dm, dm, EVEN)
     g2, g3 = _load_row(dout_p, t + 2, L, Dm, dm, EVEN), _load_row(dout_p, t + 3, L, Dm, dm, EVEN)
     for c in range(c0, c1):
         dA_c = tl.zeros((N, BD), tl.float32)
         P = tl.zeros((BD,), tl.float32)
+        starts = _chunk_starts(pos_p, c * CHUNK, L, s_pl, CHUNK, HAS_POS)
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
-            h, dA_c, P, dC0 = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, p0, ok0, A2, sn, bias, Dv, dz_p,
+            st = _group_starts(starts, k, HAS_POS)
+            h, dA_c, P, dC0 = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, _is_start(st, 0), ok0, A2, sn, bias, Dv, dz_p,
                                                qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
                                                SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u0, dl0, B0, C0, z0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
+                                                       HAS_Z, BC_LANES, EVEN)
             g0 = _load_row(dout_p, t + 4, L, Dm, dm, EVEN)
-            h, dA_c, P, dC1 = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, p1, ok1, A2, sn, bias, Dv,
+            h, dA_c, P, dC1 = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, _is_start(st, 1), ok1, A2, sn, bias, Dv,
                                                dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
                                                SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u1, dl1, B1, C1, z1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
+                                                       HAS_Z, BC_LANES, EVEN)
             g1 = _load_row(dout_p, t + 5, L, Dm, dm, EVEN)
-            h, dA_c, P, dC2 = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, p2, ok2, A2, sn, bias, Dv,
+            h, dA_c, P, dC2 = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, _is_start(st, 2), ok2, A2, sn, bias, Dv,
                                                dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
                                                SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u2, dl2, B2, C2, z2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
+                                                       HAS_Z, BC_LANES, EVEN)
             g2 = _load_row(dout_p, t + 6, L, Dm, dm, EVEN)
-            h, dA_c, P, dC3 = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, p3, ok3, A2, sn, bias, Dv,
+            h, dA_c, P, dC3 = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, _is_start(st, 3), ok3, A2, sn, bias, Dv,
                                                dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
                                                SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u3, dl3, B3, C3, z3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
+                                                       HAS_Z, BC_LANES, EVEN)
             g3 = _load_row(dout_p, t + 7, L, Dm, dm, EVEN)
             _put_group(dC_p, (t, t + 1, t + 2, t + 3), (dC0, dC1, dC2, dC3), N, ATOMIC)  # after the loads
         tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
@@ -1381,8 +1427,9 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     Dv = tl.load(D_ptr + d, mask=dm, other=0.0) if HAS_D else 0.0
     B_p, C_p = B_ptr + b * s_bb, C_ptr + b * s_cb
     B_p, s_bl = _bc_lanes(B_p, C_p, s_bl, s_cl, BD, N, BC_LANES)
-    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, z_ptr + b * s_zb + d, pos_ptr + b * s_pb)
-    strides = (s_ul, s_dl, s_bl, s_cl, s_zl, s_pl)
+    args = (u_ptr + b * s_ub + d, dl_ptr + b * s_db + d, B_p, C_p, z_ptr + b * s_zb + d)
+    strides = (s_ul, s_dl, s_bl, s_cl, s_zl)
+    pos_p = pos_ptr + b * s_pb
     row = b * L * Dm + d
     dout_p, du_p, ddl_p, qa_p = dout_ptr + row, du_ptr + row, ddl_ptr + row, qa_ptr + row
     dB_p = dB_ptr + _part(pid_d, b, ATOMIC) * L * N
@@ -1393,10 +1440,10 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     dD_acc = tl.zeros((BD,), tl.float32)
     dbias_acc = tl.zeros((BD,), tl.float32)
     t = c1 * CHUNK - 1
-    u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, t - 1, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, t - 2, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
-    u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, t - 3, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+    u0, dl0, B0, C0, z0, ok0 = _load_token(*args, t, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    u1, dl1, B1, C1, z1, ok1 = _load_token(*args, t - 1, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    u2, dl2, B2, C2, z2, ok2 = _load_token(*args, t - 2, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
+    u3, dl3, B3, C3, z3, ok3 = _load_token(*args, t - 3, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
     g0, g1 = _load_row(dout_p, t, L, Dm, dm, EVEN), _load_row(dout_p, t - 1, L, Dm, dm, EVEN)
     g2, g3 = _load_row(dout_p, t - 2, L, Dm, dm, EVEN), _load_row(dout_p, t - 3, L, Dm, dm, EVEN)
     q0, q1 = _load_row(qa_p, t, L, Dm, dm, EVEN), _load_row(qa_p, t - 1, L, Dm, dm, EVEN)
@@ -1410,31 +1457,33 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
         Suf = tl.zeros((BD,), tl.float32)
         # the chunk's dA: X_{c1} T (the K part's first term) plus the first pass's q part
         dA_c = X * T[None, :] + tl.load(dAc_ptr + chunk_p + c * N * Dm, mask=dm[None, :], other=0.0)
+        starts = _chunk_starts(pos_p, c * CHUNK, L, s_pl, CHUNK, HAS_POS)
         for kk in range(0, CHUNK, GROUP):
             t = c * CHUNK + CHUNK - 1 - kk
+            st = _group_starts(starts, CHUNK - GROUP - kk, HAS_POS)  # token t - i: bit GROUP - 1 - i
             tp = tl.maximum(t - GROUP, GROUP - 1)  # the group before (a harmless re-load at the row's start)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB0 = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u0, dl0, B0, C0, g0, q0, p0, ok0, A2, sn, Dv,
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u0, dl0, B0, C0, g0, q0, _is_start(st, 3), ok0, A2, sn, Dv,
                 du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u0, dl0, B0, C0, z0, p0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u0, dl0, B0, C0, z0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
             g0, q0 = _load_row(dout_p, tp, L, Dm, dm, EVEN), _load_row(qa_p, tp, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB1 = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 1, u1, dl1, B1, C1, g1, q1, p1, ok1, A2, sn, Dv,
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 1, u1, dl1, B1, C1, g1, q1, _is_start(st, 2), ok1, A2, sn, Dv,
                 du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u1, dl1, B1, C1, z1, p1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u1, dl1, B1, C1, z1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides,
+                                                       HAS_Z, BC_LANES, EVEN)
             g1, q1 = _load_row(dout_p, tp - 1, L, Dm, dm, EVEN), _load_row(qa_p, tp - 1, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB2 = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 2, u2, dl2, B2, C2, g2, q2, p2, ok2, A2, sn, Dv,
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 2, u2, dl2, B2, C2, g2, q2, _is_start(st, 1), ok2, A2, sn, Dv,
                 du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u2, dl2, B2, C2, z2, p2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u2, dl2, B2, C2, z2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides,
+                                                       HAS_Z, BC_LANES, EVEN)
             g2, q2 = _load_row(dout_p, tp - 2, L, Dm, dm, EVEN), _load_row(qa_p, tp - 2, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB3 = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 3, u3, dl3, B3, C3, g3, q3, p3, ok3, A2, sn, Dv,
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 3, u3, dl3, B3, C3, g3, q3, _is_start(st, 0), ok3, A2, sn, Dv,
                 du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u3, dl3, B3, C3, z3, p3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
-                                                       HAS_Z, HAS_POS, BC_LANES, EVEN)
+            u3, dl3, B3, C3, z3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
+                                                       HAS_Z, BC_LANES, EVEN)
             g3, q3 = _load_row(dout_p, tp - 3, L, Dm, dm, EVEN), _load_row(qa_p, tp - 3, L, Dm, dm, EVEN)
             _put_group(dB_p, (t, t - 1, t - 2, t - 3), (dB0, dB1, dB2, dB3), N, ATOMIC)  # after the loads
         # the chunk's dA: with ATOMIC added to dA (Dm, N), A's layout; else over the first pass's part, for torch
