@@ -1373,29 +1373,25 @@ def _scan_bwd_states_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
         for k in range(0, CHUNK, GROUP):
             t = c * CHUNK + k
             st = _group_starts(starts, k, HAS_POS)
-            h, dA_c, P, dC0 = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, _is_start(st, 0), ok0, A2, sn, bias, Dv, dz_p,
-                                               qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
-                                               SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u0, dl0, B0, C0, z0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides,
-                                                       HAS_Z, BC_LANES, EVEN)
+            h, dA_c, P, dC0 = _bwd_state_token(h, dA_c, P, t, u0, dl0, B0, C0, z0, g0, _is_start(st, 0), ok0,
+                                               A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D,
+                                               HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u0, dl0, B0, C0, z0, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
             g0 = _load_row(dout_p, t + 4, L, Dm, dm, EVEN)
-            h, dA_c, P, dC1 = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, _is_start(st, 1), ok1, A2, sn, bias, Dv,
-                                               dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
-                                               SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u1, dl1, B1, C1, z1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides,
-                                                       HAS_Z, BC_LANES, EVEN)
+            h, dA_c, P, dC1 = _bwd_state_token(h, dA_c, P, t + 1, u1, dl1, B1, C1, z1, g1, _is_start(st, 1), ok1,
+                                               A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D,
+                                               HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u1, dl1, B1, C1, z1, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
             g1 = _load_row(dout_p, t + 5, L, Dm, dm, EVEN)
-            h, dA_c, P, dC2 = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, _is_start(st, 2), ok2, A2, sn, bias, Dv,
-                                               dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
-                                               SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u2, dl2, B2, C2, z2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides,
-                                                       HAS_Z, BC_LANES, EVEN)
+            h, dA_c, P, dC2 = _bwd_state_token(h, dA_c, P, t + 2, u2, dl2, B2, C2, z2, g2, _is_start(st, 2), ok2,
+                                               A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D,
+                                               HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u2, dl2, B2, C2, z2, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
             g2 = _load_row(dout_p, t + 6, L, Dm, dm, EVEN)
-            h, dA_c, P, dC3 = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, _is_start(st, 3), ok3, A2, sn, bias, Dv,
-                                               dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D, HAS_Z, HAS_BIAS,
-                                               SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u3, dl3, B3, C3, z3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides,
-                                                       HAS_Z, BC_LANES, EVEN)
+            h, dA_c, P, dC3 = _bwd_state_token(h, dA_c, P, t + 3, u3, dl3, B3, C3, z3, g3, _is_start(st, 3), ok3,
+                                               A2, sn, bias, Dv, dz_p, qa_p, dtt_p, dyt_p, Dm, dm, nm, N, HAS_D,
+                                               HAS_Z, HAS_BIAS, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u3, dl3, B3, C3, z3, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
             g3 = _load_row(dout_p, t + 7, L, Dm, dm, EVEN)
             _put_group(dC_p, (t, t + 1, t + 2, t + 3), (dC0, dC1, dC2, dC3), N, ATOMIC)  # after the loads
         tl.store(dAc_ptr + chunk_p + c * N * Dm, dA_c, mask=dm[None, :])
@@ -1463,27 +1459,24 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             st = _group_starts(starts, CHUNK - GROUP - kk, HAS_POS)  # token t - i: bit GROUP - 1 - i
             tp = tl.maximum(t - GROUP, GROUP - 1)  # the group before (a harmless re-load at the row's start)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB0 = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u0, dl0, B0, C0, g0, q0, _is_start(st, 3), ok0, A2, sn, Dv,
-                du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t, u0, dl0, B0, C0, g0, q0, _is_start(st, 3),
+                ok0, A2, sn, Dv, du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
             u0, dl0, B0, C0, z0, ok0 = _load_token(*args, tp, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
             g0, q0 = _load_row(dout_p, tp, L, Dm, dm, EVEN), _load_row(qa_p, tp, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB1 = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 1, u1, dl1, B1, C1, g1, q1, _is_start(st, 2), ok1, A2, sn, Dv,
-                du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u1, dl1, B1, C1, z1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides,
-                                                       HAS_Z, BC_LANES, EVEN)
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 1, u1, dl1, B1, C1, g1, q1, _is_start(st, 2),
+                ok1, A2, sn, Dv, du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u1, dl1, B1, C1, z1, ok1 = _load_token(*args, tp - 1, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
             g1, q1 = _load_row(dout_p, tp - 1, L, Dm, dm, EVEN), _load_row(qa_p, tp - 1, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB2 = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 2, u2, dl2, B2, C2, g2, q2, _is_start(st, 1), ok2, A2, sn, Dv,
-                du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u2, dl2, B2, C2, z2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides,
-                                                       HAS_Z, BC_LANES, EVEN)
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 2, u2, dl2, B2, C2, g2, q2, _is_start(st, 1),
+                ok2, A2, sn, Dv, du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u2, dl2, B2, C2, z2, ok2 = _load_token(*args, tp - 2, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
             g2, q2 = _load_row(dout_p, tp - 2, L, Dm, dm, EVEN), _load_row(qa_p, tp - 2, L, Dm, dm, EVEN)
             gc, RX, Suf, dA_c, dD_acc, dbias_acc, dB3 = _bwd_adjoint_token(
-                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 3, u3, dl3, B3, C3, g3, q3, _is_start(st, 0), ok3, A2, sn, Dv,
-                du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
-            u3, dl3, B3, C3, z3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides,
-                                                       HAS_Z, BC_LANES, EVEN)
+                gc, RX, Suf, dA_c, dD_acc, dbias_acc, T, t - 3, u3, dl3, B3, C3, g3, q3, _is_start(st, 0),
+                ok3, A2, sn, Dv, du_p, ddl_p, Dm, dm, nm, N, HAS_D, SOFTPLUS, LOG2_N, LOG2_BD, BC_LANES)
+            u3, dl3, B3, C3, z3, ok3 = _load_token(*args, tp - 3, L, dm, nm, *strides, HAS_Z, BC_LANES, EVEN)
             g3, q3 = _load_row(dout_p, tp - 3, L, Dm, dm, EVEN), _load_row(qa_p, tp - 3, L, Dm, dm, EVEN)
             _put_group(dB_p, (t, t - 1, t - 2, t - 3), (dB0, dB1, dB2, dB3), N, ATOMIC)  # after the loads
         # the chunk's dA: with ATOMIC added to dA (Dm, N), A's layout; else over the first pass's part, for torch

@@ -552,6 +552,32 @@ def test_scan_softplus():
         assert ((got.double() - want).abs() / want <= 1e-6 + 1e-7 * x64.abs()).all()
 
 
+@triton.jit
+def _starts_kernel(pos_ptr, out_ptr, L, CHUNK: tl.constexpr, G: tl.constexpr):
+    """out[t] = whether token t of a row starts a document, as the scan's walks find it: each chunk's bits
+    (kernels._chunk_starts), each group of G tokens' (_group_starts), each token's (_is_start)."""
+    for c in range(0, tl.cdiv(L, CHUNK)):
+        starts = kernels._chunk_starts(pos_ptr, c * CHUNK, L, 1, CHUNK, True)
+        for k in range(0, CHUNK, G):
+            bits = kernels._group_starts(starts, k, True)
+            for i in tl.static_range(G):
+                t = c * CHUNK + k + i
+                tl.store(out_ptr + t, kernels._is_start(bits, i).to(tl.int32), mask=t < L)
+
+
+@pytest.mark.parametrize("G", [4, 8])
+def test_scan_chunk_starts(G):
+    """The document-start bits the scan's walks read, at the real CHUNK (128: two 64-bit words, which the
+    interpreted tests at CHUNK 8 never reach), against pos == 0: starts at the words' and chunks' edges and
+    next to them, a run of length-1 documents across the middle edge, a last chunk the row ends inside."""
+    L = 2 * kernels.CHUNK + 45
+    lengths = [63, 1, 62, 1, 1, 1, 1, 1, 60, 1, 64, 1, 20, 2]
+    pos = pos_from_lengths([lengths], L, "cpu")[0]
+    out = torch.full((L,), -1, dtype=torch.int32)
+    _starts_kernel[(1,)](pos, out, L, CHUNK=kernels.CHUNK, G=G)
+    assert torch.equal(out, (pos == 0).int())
+
+
 @pytest.mark.parametrize("which", [["fwd"], ["states"], ["adjoint", "--maxnreg", "168"], ["carry"],
                                    ["carry", "--reverse"]], ids=" ".join)
 def test_scan_kernels_compile_for_sm90(which):
