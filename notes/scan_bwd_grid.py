@@ -31,6 +31,7 @@ VARIANTS = {
     "st_c4": dict(states=(4, 168)), "st_c8": dict(states=(8, 168)), "st_c16": dict(states=(16, 168)),
     "ad_c1": dict(adjoint=(1, 168)), "ad_u1": dict(adjoint=(1, None)), "ad_c2": dict(adjoint=(2, 168)),
     "ad_c4": dict(adjoint=(4, 168)), "ad_c8": dict(adjoint=(8, 168)), "ad_u8": dict(adjoint=(8, None)),
+    "ad_u2": dict(adjoint=(2, None)), "ad_u4": dict(adjoint=(4, None)),
     # the states pass in one-chunk segments at caps with fewer spills (offline: 192 none, 10 programs per SM)
     "st_c16r192": dict(states=(16, 192)), "st_c16r224": dict(states=(16, 224)),
 }
