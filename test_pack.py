@@ -583,12 +583,17 @@ def test_scan_chunk_starts(G):
 def test_scan_kernels_compile_for_sm90(which):
     """Each scan kernel compiles for sm_90 (H100, H200) as its launcher calls it (the adjoint pass with the
     register cap _bwd_grid may give it), which the interpreter never does; notes/sass.py's offline compile,
-    in a process of its own (the interpreter must be off there), prints its registers and loops."""
+    in a process of its own (the interpreter must be off there), prints its registers and loops. The forward
+    and its carry pass keep one channel per lane: their loops hold no shuffle, the carry pass's no barrier
+    either (with the launcher's alignment they spread each channel over 4 lanes: notes/perf.md v21)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "notes/sass.py", *which], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "REG:" in res.stdout and "loop 0x" in res.stdout, res.stdout
+    # one channel's states per thread (kernels._channels): no shuffles, and in the carry pass no barriers
+    for op in {"fwd": ["SHFL"], "carry": ["SHFL", "BAR"]}.get(" ".join(which), []):
+        assert op not in res.stdout, res.stdout
 
 
 def test_scan_bwd_ref_matches_autograd():
