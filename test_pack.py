@@ -572,8 +572,8 @@ def test_scan_chunk_starts(G):
     next to them, a run of length-1 documents across the middle edge, a last chunk the row ends inside."""
     L = 2 * kernels.CHUNK + 45
     lengths = [63, 1, 62, 1, 1, 1, 1, 1, 60, 1, 64, 1, 20, 2]
-    pos = pos_from_lengths([lengths], L, "cpu")[0]
-    out = torch.full((L,), -1, dtype=torch.int32)
+    pos = pos_from_lengths([lengths], L)[0]
+    out = torch.full((L,), -1, dtype=torch.int32, device=DEV)
     _starts_kernel[(1,)](pos, out, L, CHUNK=kernels.CHUNK, G=G)
     assert torch.equal(out, (pos == 0).int())
 
