@@ -763,7 +763,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 GROUP = tl.constexpr(4)
 # the forward's loop: 8 slots of inputs, one wait for its loads per 8 tokens instead of per 4 (159 registers
-# instead of 124): on an H200 at 8 x 2048, 7% faster at d_inner 4096, 1-2% at 1536 and 5120 (notes/perf.md)
+# instead of 124): on an H200 at 8 x 2048, 7% faster at d_inner 4096, 1-2% at 1536 and 5120 (notes/perf.md v14;
+# timed with the tiles the launcher's alignment gave the forward before v21, not since)
 FWD_AHEAD = tl.constexpr(8)
 
 
@@ -1505,8 +1506,8 @@ def _scan_bwd_adjoint_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 # BD channels per program, num_warps, and whether B and C travel one element per lane (BC_LANES,
 # used where 2N <= BD): the best of a sweep on an H200 (notes/perf.md). BC_LANES saved the earlier
 # one-pass backward ~60 registers of prefetched B and C and 15-20% of its time (its two passes keep it,
-# not timed without); the forward, which has registers to spare, runs 5-15% faster with every lane
-# loading all of B and C.
+# not timed without); the forward, which has registers to spare, runs 0-2% faster with every lane
+# loading all of B and C (even at 1536; 5-15% before v21's _channels, notes/perf.md v21).
 SCAN_FWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=False)
 SCAN_BWD_CONFIG = dict(BD=32, num_warps=1, bc_lanes=True)
 # The backward's carry pass: tiles of T tokens x N states x BD channels on num_warps warps. H200, d_inner 1536,
@@ -1565,8 +1566,8 @@ def _segments(u, programs, segments, per_sm):
     the carry pass that splitting costs (15% of a whole pass times the share of the row it walks, all
     segments but the last) and 0.5% per segment (each program's setup). On an H200 at 8 x
     2048 tokens this picks 4 / 1 / 1 forward segments at d_inner 1536 / 4096 / 5120, the best of a sweep
-    (1536: 0.404 ms, 16 segments 0.414, 8 0.429; notes/scan_sweep.py, notes/perf.md); the backward's
-    passes, see _bwd_grid."""
+    (1536: 0.311 ms, 8 segments 0.348, 2 0.373, 6 0.397; 4096: 2 segments +21%; notes/perf.md v21); the
+    backward's passes, see _bwd_grid."""
     n_chunks = _n_chunks(u.shape[1])
     slots = per_sm * _sm_count(u.device)
 
