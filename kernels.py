@@ -832,12 +832,17 @@ def _chunk_starts(pos_p, t0, L, s_pl, CHUNK: tl.constexpr, HAS_POS: tl.constexpr
     for it (H200, d_inner 4096: boundaries cost the backward's passes 5%; notes/perf.md v21)."""
     starts = (0, 0)
     if HAS_POS:
-        i = tl.arange(0, 64)
-        bit = tl.full((64,), 1, tl.int64) << i.to(tl.int64)
-        p0 = tl.load(pos_p + (t0 + i) * s_pl, mask=(i < CHUNK) & (t0 + i < L), other=1)
-        p1 = tl.load(pos_p + (t0 + 64 + i) * s_pl, mask=(64 + i < CHUNK) & (t0 + 64 + i < L), other=1)
-        starts = (tl.sum(tl.where(p0 == 0, bit, 0), 0), tl.sum(tl.where(p1 == 0, bit, 0), 0))
+        starts = (_start_word(pos_p, t0, 0, L, s_pl, CHUNK), _start_word(pos_p, t0, 64, L, s_pl, CHUNK))
     return starts
+
+
+@triton.jit
+def _start_word(pos_p, t0, j0, L, s_pl, CHUNK: tl.constexpr):
+    """One int64 of _chunk_starts: bit i for token t0 + j0 + i having pos 0 (0 past the chunk's or the row's end)."""
+    i = tl.arange(0, 64)
+    j = j0 + i  # the token's offset in the chunk
+    p = tl.load(pos_p + (t0 + j) * s_pl, mask=(j < CHUNK) & (t0 + j < L), other=1)
+    return tl.sum(tl.where(p == 0, tl.full((64,), 1, tl.int64) << i.to(tl.int64), 0), 0)
 
 
 @triton.jit
