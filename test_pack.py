@@ -11,6 +11,7 @@ set below before anything imports triton) in fp32, on small shapes.
 """
 import argparse
 import ast
+import contextlib
 import functools
 import json
 import math
@@ -704,13 +705,22 @@ def test_scan_triton_carry_pieces(segments, bc_lanes, small_chunks):
     check_scan_triton(6 * kernels.CHUNK, [[5, 2, 17, 9, 2, 13], [48]], segments, bc_lanes)
 
 
-@pytest.fixture
-def deterministic():
-    """torch.use_deterministic_algorithms(True) for one test, then the setting as it was."""
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) inside, then the setting as it was."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture
+def deterministic():
+    """deterministic_algorithms for one test."""
+    with deterministic_algorithms():
+        yield
 
 
 def test_scan_triton_deterministic_sums(small_chunks, deterministic):
@@ -959,12 +969,8 @@ def test_scan_deterministic_cuda():
     dout = torch.randn(Bb, L, Dm, device="cuda").to(torch.bfloat16)
     run = lambda: kernels.scan_bwd_triton(dout, **x, pos=pos, states=states, delta_softplus=True)
     fast = run()
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         first, second = run(), run()
-    finally:
-        torch.use_deterministic_algorithms(before)
     for name, f, a, b in zip(SCAN_GRADS, fast, first, second):
         assert torch.equal(a, b), name
         assert rel(f, a) < 1e-2, name
