@@ -970,13 +970,13 @@ def _first_start(pos_p, lo, hi, s_pl, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _carry_token(c, sdt, cut, t, last, u, dl, Bt, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+def _carry_token(c, sdt, t, last, u, dl, Bt, ok, bias, A2, sn, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
                  SOFTPLUS: tl.constexpr, BC_LANES: tl.constexpr):
-    """Token t of _scan_carry_kernel: the carry c (N, BD), sum of dt (BD,) and document-start flag (t == last, the
-    walk's one document start)."""
+    """Token t of _scan_carry_kernel: the carry c (N, BD) and sum of dt (BD,) after it; t == last is the walk's
+    one document start."""
     start = (t == last) if HAS_POS else False
     dt, a, x = _decay_input(dl, u, Bt, start, ok, bias, A2, sn, HAS_BIAS, SOFTPLUS, BC_LANES)
-    return a * c + x, sdt + dt, tl.where(start, 1, cut)
+    return a * c + x, sdt + dt
 
 
 @triton.jit
@@ -1003,6 +1003,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
     w0 = s * piece_len
     w1 = w0 + piece_len
     last = -1
+    cut = False  # a document starts in the piece (P = 0)
     if HAS_POS:
         # the last document start up to the segment's end: pos being each token's offset in its document, one
         # load at the segment's last token tells it. The walk's only start, if it is in the piece: a start
@@ -1010,6 +1011,7 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
         hi = tl.minimum((s // sub + 1) * sub * piece_len, L)
         last = hi - 1 - tl.load(pos_ptr + b * s_pb + (hi - 1) * s_pl)
         w0 = tl.maximum(w0, w1 - tl.cdiv(tl.maximum(w1 - last, 0), GROUP) * GROUP)
+        cut = (last >= w0) & (last < w1)
     d = _channels(tl.program_id(0), BD)  # (BD,)
     dm = _in_channels(d, Dm, EVEN_D)
     n = tl.arange(0, N)
@@ -1024,27 +1026,26 @@ def _scan_carry_kernel(u_ptr, dl_ptr, At_ptr, B_ptr, C_ptr, bias_ptr, pos_ptr, l
     strides = (s_ul, s_dl, s_bl, s_cl, 0)
     c = tl.zeros((N, BD), tl.float32)
     sdt = tl.zeros((BD,), tl.float32)  # sum of dt over the piece: P = exp(A sdt) unless a document starts
-    cut = 0  # 1 once a document starts inside the piece
     # unrolled by GROUP, each token's inputs re-loaded GROUP tokens ahead as soon as used
     u0, dl0, B0, _, _, ok0 = _load_token(*args, w0, L, dm, nm, *strides, False, BC_LANES, EVEN)
     u1, dl1, B1, _, _, ok1 = _load_token(*args, w0 + 1, L, dm, nm, *strides, False, BC_LANES, EVEN)
     u2, dl2, B2, _, _, ok2 = _load_token(*args, w0 + 2, L, dm, nm, *strides, False, BC_LANES, EVEN)
     u3, dl3, B3, _, _, ok3 = _load_token(*args, w0 + 3, L, dm, nm, *strides, False, BC_LANES, EVEN)
     for t in range(w0, w1, GROUP):
-        c, sdt, cut = _carry_token(c, sdt, cut, t, last, u0, dl0, B0, ok0, bias, A2, sn, HAS_BIAS, HAS_POS,
-                                   SOFTPLUS, BC_LANES)
+        c, sdt = _carry_token(c, sdt, t, last, u0, dl0, B0, ok0, bias, A2, sn, HAS_BIAS, HAS_POS, SOFTPLUS,
+                              BC_LANES)
         u0, dl0, B0, _, _, ok0 = _load_token(*args, t + 4, L, dm, nm, *strides, False, BC_LANES, EVEN)
-        c, sdt, cut = _carry_token(c, sdt, cut, t + 1, last, u1, dl1, B1, ok1, bias, A2, sn, HAS_BIAS, HAS_POS,
-                                   SOFTPLUS, BC_LANES)
+        c, sdt = _carry_token(c, sdt, t + 1, last, u1, dl1, B1, ok1, bias, A2, sn, HAS_BIAS, HAS_POS, SOFTPLUS,
+                              BC_LANES)
         u1, dl1, B1, _, _, ok1 = _load_token(*args, t + 5, L, dm, nm, *strides, False, BC_LANES, EVEN)
-        c, sdt, cut = _carry_token(c, sdt, cut, t + 2, last, u2, dl2, B2, ok2, bias, A2, sn, HAS_BIAS, HAS_POS,
-                                   SOFTPLUS, BC_LANES)
+        c, sdt = _carry_token(c, sdt, t + 2, last, u2, dl2, B2, ok2, bias, A2, sn, HAS_BIAS, HAS_POS, SOFTPLUS,
+                              BC_LANES)
         u2, dl2, B2, _, _, ok2 = _load_token(*args, t + 6, L, dm, nm, *strides, False, BC_LANES, EVEN)
-        c, sdt, cut = _carry_token(c, sdt, cut, t + 3, last, u3, dl3, B3, ok3, bias, A2, sn, HAS_BIAS, HAS_POS,
-                                   SOFTPLUS, BC_LANES)
+        c, sdt = _carry_token(c, sdt, t + 3, last, u3, dl3, B3, ok3, bias, A2, sn, HAS_BIAS, HAS_POS, SOFTPLUS,
+                              BC_LANES)
         u3, dl3, B3, _, _, ok3 = _load_token(*args, t + 7, L, dm, nm, *strides, False, BC_LANES, EVEN)
     tl.store(loc_ptr + (b * n_c + s) * N * Dm + sn * Dm + d[None, :], c, mask=dm[None, :])
-    tl.store(S_ptr + (b * n_c + s) * Dm + d, tl.where(cut != 0, float("inf"), sdt), mask=dm)
+    tl.store(S_ptr + (b * n_c + s) * Dm + d, tl.where(cut, float("inf"), sdt), mask=dm)
 
 
 @triton.jit
